@@ -1,0 +1,1002 @@
+"""Writes for the review domain: policies, routing, claims, verdicts, decisions and labels."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Exists, Max, OuterRef, Subquery
+from django.utils import timezone
+
+from actions.services import (
+    action_runs_create_compensation,
+    action_runs_create_for_decision,
+    action_runs_create_for_decisions,
+)
+from reviewapp.core.audit import audit_record
+from reviewapp.core.errors import Conflict, PermissionDeniedError, ValidationFailed
+from reviewapp.core.roles import can
+from reviewapp.ingest.models import Item, Source
+from reviewapp.review.models import Decision, Label, Policy, ReviewTask, Verdict
+from scoring.models import ModelVersion
+
+POLICY_FIELDS = ("mode", "thresholds", "target_error", "confidence", "qa_sample_rate", "priority", "double_review_rate")
+
+
+def policy_as_dict(policy: Policy) -> dict[str, Any]:
+    return {
+        "version": policy.version,
+        "mode": policy.mode,
+        "thresholds": policy.thresholds,
+        "target_error": policy.target_error,
+        "confidence": policy.confidence,
+        "qa_sample_rate": policy.qa_sample_rate,
+        "priority": policy.priority,
+        "double_review_rate": policy.double_review_rate,
+        "comment": policy.comment,
+    }
+
+
+def _validate_policy(*, source: Source, mode: str, thresholds: dict[str, float], target_error: float | None,
+                     confidence: float, qa_sample_rate: float, priority: str, double_review_rate: float = 0.0) -> None:
+    errors: list[dict[str, Any]] = []
+    if mode not in Policy.Mode.values:
+        errors.append({"field": "mode", "message": f"must be one of {', '.join(Policy.Mode.values)}"})
+    if not isinstance(thresholds, dict):
+        errors.append({"field": "thresholds", "message": "must be an object of label -> probability"})
+    else:
+        for label, value in thresholds.items():
+            if label not in source.labels:
+                errors.append({"field": f"thresholds.{label}", "message": f"{label!r} is not in the label set"})
+            elif not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= 1:
+                errors.append({"field": f"thresholds.{label}", "message": "must be a number between 0 and 1"})
+    if mode == Policy.Mode.TARGET_ERROR and (target_error is None or not 0 < target_error < 1):
+        errors.append({"field": "target_error", "message": "target_error mode needs a value between 0 and 1"})
+    if not 0 < confidence < 1:
+        errors.append({"field": "confidence", "message": "must be between 0 and 1 (exclusive)"})
+    if not 0 <= qa_sample_rate <= 1:
+        errors.append({"field": "qa_sample_rate", "message": "must be between 0 and 1"})
+    if not isinstance(double_review_rate, int | float) or not 0 <= double_review_rate <= 1:
+        errors.append({"field": "double_review_rate", "message": "must be between 0 and 1"})
+    if priority not in Policy.Priority.values:
+        errors.append({"field": "priority", "message": f"must be one of {', '.join(Policy.Priority.values)}"})
+    if errors:
+        raise ValidationFailed("Invalid policy.", errors)
+
+
+def policy_create(
+    *,
+    source: Source,
+    actor: Any | None,
+    mode: str = Policy.Mode.THRESHOLD,
+    thresholds: dict[str, float] | None = None,
+    target_error: float | None = None,
+    confidence: float = 0.95,
+    qa_sample_rate: float = 0.02,
+    priority: str = Policy.Priority.UNCERTAINTY,
+    comment: str = "",
+    double_review_rate: float | None = None,
+) -> Policy:
+    """Save a new policy version for ``source``; it is in force from its commit on.
+
+    ``double_review_rate`` left out (None) keeps the rate of the policy in force (0 for a first policy)."""
+    thresholds = dict(thresholds or {})
+    if double_review_rate is None:
+        previous_policy = policy_current(source=source)
+        double_review_rate = previous_policy.double_review_rate if previous_policy is not None else 0.0
+    _validate_policy(source=source, mode=mode, thresholds=thresholds, target_error=target_error,
+                     confidence=confidence, qa_sample_rate=qa_sample_rate, priority=priority,
+                     double_review_rate=double_review_rate)
+    with transaction.atomic():
+        # Lock the source row so two concurrent saves get consecutive versions.
+        Source.objects.select_for_update().filter(pk=source.pk).first()
+        previous = policy_current(source=source)
+        number = (Policy.objects.filter(source=source).aggregate(m=Max("version"))["m"] or 0) + 1
+        policy = Policy.objects.create(
+            source=source, version=number, mode=mode, thresholds=thresholds, target_error=target_error,
+            confidence=confidence, qa_sample_rate=qa_sample_rate, priority=priority, comment=comment,
+            double_review_rate=double_review_rate, created_by=actor if getattr(actor, "pk", None) else None,
+        )
+        audit_record(
+            actor=actor, verb="policy.created", object_type="policy", object_id=policy.pk,
+            before=policy_as_dict(previous) if previous else None, after=policy_as_dict(policy),
+        )
+    return policy
+
+
+def policy_current(*, source: Source) -> Policy | None:
+    return Policy.objects.filter(source=source).order_by("-version").first()
+
+
+# --- Routing --------------------------------------------------------------------------------------
+
+AUTO_NONE_TARGET_ERROR = "target-error policy: the model has no risk-control evidence; nothing is auto-decided"
+QA_REASON = "QA sample of an auto-decision"
+QA_OVERRIDE_REASON = "QA override"
+
+
+def _fmt(p: float, *, floor: bool = False) -> str:
+    """A probability in words: up to 4 decimals; floored when it must read as *below* a threshold."""
+    if floor:
+        # The epsilon absorbs binary noise (0.29 * 10_000 == 2899.9999...).
+        p = math.floor(p * 10_000 + 1e-6) / 10_000
+    return f"{p:.4f}".rstrip("0").rstrip(".")
+
+
+def qa_draw(*, item_id: int, policy: Policy) -> float:
+    """A deterministic uniform draw in [0, 1) per (item, policy version): reruns make the same choice."""
+    digest = hashlib.sha256(f"qa:{item_id}:{policy.source_id}:{policy.version}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def policy_thresholds(*, policy: Policy, model_version: ModelVersion | None) -> tuple[dict[str, float] | None, str]:
+    """The thresholds in force for a prediction of ``model_version`` and, when there are none, why.
+
+    target_error mode reads the thresholds chosen by the model version's selective risk control.
+    """
+    if policy.mode == Policy.Mode.TARGET_ERROR:
+        risk: dict[str, Any] = {}
+        if model_version is not None and policy.target_error is not None:
+            from scoring.services import model_risk_control
+
+            # Thresholds for exactly this policy's (target, confidence): the stored pair may be another one.
+            risk = model_risk_control(model_version=model_version, target_error=policy.target_error,
+                                      confidence=policy.confidence)
+        thresholds = risk.get("thresholds")
+        if not thresholds:
+            return None, AUTO_NONE_TARGET_ERROR
+        return {str(k): float(v) for k, v in thresholds.items() if v is not None}, ""
+    return {str(k): float(v) for k, v in (policy.thresholds or {}).items() if v is not None}, ""
+
+
+@dataclass(frozen=True)
+class RouteOutcome:
+    auto: bool
+    reason: str
+
+
+def route_one(*, label: str, confidence: float, thresholds: dict[str, float] | None, why_none: str) -> RouteOutcome:
+    """The policy rule for one prediction, as a pure function (issue 6's simulator can reuse it)."""
+    if thresholds is None:
+        return RouteOutcome(False, why_none)
+    threshold = thresholds.get(label)
+    if threshold is None:
+        return RouteOutcome(False, f"no threshold for label {label}")
+    if confidence >= threshold:
+        return RouteOutcome(True, f"{label} {_fmt(confidence)} at or above its threshold {_fmt(threshold)}")
+    return RouteOutcome(False, f"{label} {_fmt(confidence, floor=True)} below its threshold {_fmt(threshold)}")
+
+
+def _current_policies(source_ids: set[int]) -> dict[int, Policy]:
+    newest = Policy.objects.filter(source_id=OuterRef("source_id")).order_by("-version").values("version")[:1]
+    rows = Policy.objects.filter(source_id__in=source_ids, version=Subquery(newest)).select_related("source")
+    return {p.source_id: p for p in rows}
+
+
+def _next_rounds(item_ids: list[int], kinds: set[str]) -> dict[tuple[int, str], int]:
+    """Round number for a new task per (item, kind): one more than any earlier task (re-routing)."""
+    if not item_ids:
+        return {}
+    rows = (
+        ReviewTask.objects.filter(item_id__in=item_ids, kind__in=kinds)
+        .values("item_id", "kind")
+        .annotate(top=Max("round"))
+    )
+    return {(r["item_id"], r["kind"]): r["top"] + 1 for r in rows}
+
+
+def _pair_round(rounds: dict[tuple[int, str], int], item_id: int) -> int:
+    """One round number for both tasks of a double review: past any earlier review or double task."""
+    return max(rounds.get((item_id, ReviewTask.Kind.REVIEW), 1), rounds.get((item_id, ReviewTask.Kind.DOUBLE), 1))
+
+
+def _task_priority(policy: Policy | None, confidence: float) -> float:
+    return confidence if policy is None or policy.priority == Policy.Priority.UNCERTAINTY else 0.0
+
+
+DOUBLE_REASON_SUFFIX = " · double review"
+
+
+def double_draw(*, item_id: int, policy: Policy) -> float:
+    """A deterministic uniform draw in [0, 1) per (item, policy version), independent of the QA draw."""
+    digest = hashlib.sha256(f"double:{item_id}:{policy.source_id}:{policy.version}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _review_tasks(*, item: Item, policy: Policy | None, round_: int, priority: float, reason: str,
+                  now: datetime) -> list[ReviewTask]:
+    """The review task for a queued item, plus its independent twin when the item is drawn for double review."""
+    double = bool(policy is not None and policy.double_review_rate
+                  and double_draw(item_id=item.pk, policy=policy) < policy.double_review_rate)
+    kinds = [ReviewTask.Kind.REVIEW, ReviewTask.Kind.DOUBLE] if double else [ReviewTask.Kind.REVIEW]
+    return [
+        ReviewTask(item=item, source_id=item.source_id, kind=kind, round=round_, priority=priority, paired=double,
+                   reason=(reason[:300 - len(DOUBLE_REASON_SUFFIX)] + DOUBLE_REASON_SUFFIX) if double else reason[:300],
+                   created_at=now)
+        for kind in kinds
+    ]
+
+
+def items_route(*, item_ids: list[int]) -> dict[str, Any]:
+    """Apply the policy in force to freshly scored items: auto-decide or queue for review.
+
+    Called by scoring inside its transaction after it set ``item.prediction`` and state ``scored``.
+    Only items still ``scored`` with a prediction are touched, so a second call changes nothing.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        items = list(
+            Item.objects.filter(pk__in=item_ids, state=Item.State.SCORED, prediction__isnull=False)
+            .select_related("prediction", "prediction__model_version")
+            .select_for_update(of=("self",))
+            .order_by("id")
+        )
+        result: dict[str, Any] = {"routed": 0, "auto_decided": 0, "queued": 0, "qa_sampled": 0, "double_review": 0,
+                                  "skipped": len(set(item_ids)) - len(items)}
+        if not items:
+            return result
+        policies = _current_policies({i.source_id for i in items})
+        rounds = _next_rounds([i.pk for i in items], {ReviewTask.Kind.REVIEW, ReviewTask.Kind.QA,
+                                                      ReviewTask.Kind.DOUBLE})
+        thresholds_cache: dict[tuple[int, int], tuple[dict[str, float] | None, str]] = {}
+        decisions: list[Decision] = []
+        tasks: list[ReviewTask] = []
+        for item in items:
+            prediction = item.prediction
+            assert prediction is not None  # filtered above
+            policy = policies.get(item.source_id)
+            if policy is None:
+                outcome = RouteOutcome(False, "no policy for this source; nothing is auto-decided")
+            else:
+                key = (policy.pk, prediction.model_version_id)
+                if key not in thresholds_cache:
+                    thresholds_cache[key] = policy_thresholds(policy=policy, model_version=prediction.model_version)
+                thresholds, why_none = thresholds_cache[key]
+                outcome = route_one(label=prediction.top_label, confidence=prediction.confidence,
+                                    thresholds=thresholds, why_none=why_none)
+            item.policy = policy
+            item.route_reason = outcome.reason
+            item.state_changed_at = now
+            if outcome.auto:
+                item.state = Item.State.AUTO_DECIDED
+                decisions.append(Decision(
+                    item=item, label=prediction.top_label, origin=Decision.Origin.MODEL, prediction=prediction,
+                    model_version_id=prediction.model_version_id, policy=policy, reason=outcome.reason,
+                    created_at=now,
+                ))
+                result["auto_decided"] += 1
+                if policy is not None and qa_draw(item_id=item.pk, policy=policy) < policy.qa_sample_rate:
+                    tasks.append(ReviewTask(
+                        item=item, source_id=item.source_id, kind=ReviewTask.Kind.QA,
+                        round=rounds.get((item.pk, ReviewTask.Kind.QA), 1),
+                        priority=_task_priority(policy, prediction.confidence), reason=QA_REASON, created_at=now,
+                    ))
+                    result["qa_sampled"] += 1
+            else:
+                item.state = Item.State.QUEUED
+                pair = _review_tasks(
+                    item=item, policy=policy, round_=_pair_round(rounds, item.pk),
+                    priority=_task_priority(policy, prediction.confidence), reason=outcome.reason, now=now,
+                )
+                tasks += pair
+                result["queued"] += 1
+                result["double_review"] += len(pair) - 1
+        Decision.objects.bulk_create(decisions, batch_size=1000)
+        action_runs_create_for_decisions(decisions=decisions)
+        ReviewTask.objects.bulk_create(tasks, batch_size=1000)
+        Item.objects.bulk_update(items, ["state", "policy", "route_reason", "state_changed_at"], batch_size=1000)
+        result["routed"] = len(items)
+        source_ids = sorted({i.source_id for i in items})
+        audit_record(
+            actor=None, verb="items.routed", object_type="source",
+            object_id=",".join(str(s) for s in source_ids),
+            after={
+                **{k: result[k] for k in ("routed", "auto_decided", "queued", "qa_sampled", "double_review")},
+                "policy_versions": {str(s): policies[s].version if s in policies else None for s in source_ids},
+                "first_item_id": items[0].pk, "last_item_id": items[-1].pk,
+            },
+        )
+    return result
+
+
+def items_route_unscored(*, item_ids: list[int], reason: str) -> int:
+    """Cold start: items no model can score yet go straight to review with ``reason``."""
+    now = timezone.now()
+    with transaction.atomic():
+        items = list(
+            Item.objects.filter(pk__in=item_ids, state=Item.State.RECEIVED)
+            .select_for_update().order_by("id")
+        )
+        if not items:
+            return 0
+        policies = _current_policies({i.source_id for i in items})
+        rounds = _next_rounds([i.pk for i in items], {ReviewTask.Kind.REVIEW, ReviewTask.Kind.DOUBLE})
+        tasks = []
+        for item in items:
+            item.state = Item.State.QUEUED
+            item.policy = policies.get(item.source_id)
+            item.route_reason = reason[:300]
+            item.state_changed_at = now
+            # Without a confidence every item ties; created_at then gives oldest-first.
+            tasks += _review_tasks(item=item, policy=item.policy, round_=_pair_round(rounds, item.pk), priority=0.0,
+                                   reason=reason, now=now)
+        ReviewTask.objects.bulk_create(tasks, batch_size=1000)
+        Item.objects.bulk_update(items, ["state", "policy", "route_reason", "state_changed_at"], batch_size=1000)
+        source_ids = sorted({i.source_id for i in items})
+        audit_record(
+            actor=None, verb="items.routed_unscored", object_type="source",
+            object_id=",".join(str(s) for s in source_ids),
+            after={"queued": len(items), "reason": reason, "first_item_id": items[0].pk,
+                   "last_item_id": items[-1].pk},
+        )
+    return len(items)
+
+
+# --- Claims -----------------------------------------------------------------------------------------
+
+REVIEW_QUEUE = "review"
+ADJUDICATION_QUEUE = "adjudication"
+# What each work queue hands out. Escalations and adjudications go to people who may adjudicate.
+QUEUE_KINDS: dict[str, tuple[str, ...]] = {
+    REVIEW_QUEUE: (ReviewTask.Kind.REVIEW, ReviewTask.Kind.DOUBLE, ReviewTask.Kind.QA),
+    ADJUDICATION_QUEUE: (ReviewTask.Kind.ESCALATION, ReviewTask.Kind.ADJUDICATION),
+}
+CLAIMABLE_KINDS = QUEUE_KINDS[REVIEW_QUEUE]
+ADMIN_KINDS = QUEUE_KINDS[ADJUDICATION_QUEUE]
+# The two independent tasks of a double review share an item and a round.
+PAIR_KINDS = (ReviewTask.Kind.REVIEW, ReviewTask.Kind.DOUBLE)
+ESCALATABLE_KINDS = (ReviewTask.Kind.REVIEW, ReviewTask.Kind.DOUBLE, ReviewTask.Kind.QA)
+WAITING_STATES = (ReviewTask.State.OPEN, ReviewTask.State.CLAIMED)
+
+DISAGREEMENT_REASON = "Double review disagreement"
+ADJUDICATED_REASON = "adjudication of a double-review disagreement"
+
+
+def _lease_end(now: datetime) -> datetime:
+    return now + timedelta(seconds=settings.CLAIM_LEASE_SECONDS)
+
+
+def undo_window() -> timedelta:
+    return timedelta(seconds=getattr(settings, "REVIEW_UNDO_SECONDS", 300))
+
+
+def _task_state(task: ReviewTask) -> dict[str, Any]:
+    return {
+        "state": task.state,
+        "claimed_by": task.claimed_by_id,
+        "lease_expires_at": task.lease_expires_at.isoformat() if task.lease_expires_at else None,
+    }
+
+
+def queue_kinds(*, user: Any, queue: str) -> tuple[str, ...]:
+    """The task kinds ``queue`` hands out, once the user is known to be allowed to work it."""
+    if queue not in QUEUE_KINDS:
+        raise ValidationFailed(f"Unknown queue {queue!r}.",
+                               [{"field": "queue", "message": f"must be one of {', '.join(QUEUE_KINDS)}"}])
+    if queue == ADJUDICATION_QUEUE and not can(user, "adjudicate"):
+        raise PermissionDeniedError("Only people who may adjudicate work the escalation and adjudication queue.")
+    return QUEUE_KINDS[queue]
+
+
+def _owns_twin(task: ReviewTask, user: Any) -> bool:
+    """Whether the user holds or answered the other task of this double review: the second opinion must
+    come from someone else. One probe of the (item, kind, round) index, and only for paired tasks."""
+    if not task.paired:
+        return False
+    return (ReviewTask.objects.filter(item_id=task.item_id, round=task.round, kind__in=PAIR_KINDS, claimed_by=user)
+            .exclude(pk=task.pk).exists())
+
+
+# Pick and claim in one statement: the row lock, the claim and the item's move to in_review in one round
+# trip. The table names and ORDER BY are constants of this module; every value is a parameter.
+_CLAIM_SQL = """
+WITH picked AS (
+    SELECT id FROM review_reviewtask
+    WHERE state = 'open' AND kind = ANY(%(kinds)s){source}{exclude}
+    ORDER BY {order} LIMIT 1 FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE review_reviewtask AS t
+    SET state = 'claimed', claimed_by_id = %(user)s, claimed_at = %(now)s, lease_expires_at = %(lease)s
+    FROM picked WHERE t.id = picked.id
+    RETURNING t.*
+), moved AS (
+    UPDATE ingest_item AS i SET state = 'in_review', state_changed_at = %(now)s
+    FROM claimed WHERE i.id = claimed.item_id AND i.state = 'queued'
+    RETURNING i.id
+)
+SELECT * FROM claimed
+"""
+
+
+def _pick_and_claim(*, user: Any, kinds: tuple[str, ...], source: Source | None, exclude: list[int], order: str,
+                    now: datetime) -> ReviewTask | None:
+    """Claim the first open task in ``order`` that nobody has locked; a QA task leaves its item
+    auto_decided (the model's decision stands until overridden): only a queued item moves to in_review."""
+    order_by = ("priority", "created_at", "id") if order == "priority" else ("created_at", "id")
+    if connection.vendor == "postgresql":
+        sql = _CLAIM_SQL.format(
+            source=" AND source_id = %(source)s" if source is not None else "",
+            exclude=" AND NOT (id = ANY(%(exclude)s))" if exclude else "",
+            order=", ".join(order_by),
+        )
+        params = {"kinds": list(kinds), "source": source.pk if source is not None else None, "exclude": exclude,
+                  "user": user.pk, "now": now, "lease": _lease_end(now)}
+        rows = list(ReviewTask.objects.raw(sql, params))
+        return rows[0] if rows else None
+    qs = ReviewTask.objects.filter(state=ReviewTask.State.OPEN, kind__in=kinds)
+    if source is not None:
+        qs = qs.filter(source=source)
+    if exclude:
+        qs = qs.exclude(pk__in=exclude)
+    task = qs.order_by(*order_by).select_for_update(skip_locked=True).first()
+    if task is None:
+        return None
+    task.state = ReviewTask.State.CLAIMED
+    task.claimed_by = user
+    task.claimed_at = now
+    task.lease_expires_at = _lease_end(now)
+    task.save(update_fields=["state", "claimed_by", "claimed_at", "lease_expires_at"])
+    Item.objects.filter(pk=task.item_id, state=Item.State.QUEUED).update(
+        state=Item.State.IN_REVIEW, state_changed_at=now
+    )
+    return task
+
+
+def task_claim_next(
+    *, user: Any, source: Source | None = None, exclude_task_ids: Iterable[int] = (), queue: str = REVIEW_QUEUE
+) -> ReviewTask | None:
+    """Claim the next open task (by priority, age, id) with a lease, or return the live claim the
+    user already holds. ``SKIP LOCKED`` lets concurrent reviewers pass each other's rows, so two
+    callers never get the same task and nobody waits. ``queue="adjudication"`` hands out
+    escalations and adjudications (oldest first) to people who may adjudicate."""
+    kinds = queue_kinds(user=user, queue=queue)
+    now = timezone.now()
+    with transaction.atomic():
+        held_qs = ReviewTask.objects.filter(
+            state=ReviewTask.State.CLAIMED, claimed_by=user, lease_expires_at__gt=now, kind__in=kinds
+        )
+        if source is not None:
+            held_qs = held_qs.filter(source=source)
+        held = held_qs.select_for_update(skip_locked=True).order_by("claimed_at", "id").first()
+        if held is not None:
+            # Coming back to a held item is activity: keep its lease fresh.
+            held.lease_expires_at = _lease_end(now)
+            held.save(update_fields=["lease_expires_at"])
+            return held
+        exclude = list(exclude_task_ids)
+        order = "priority" if queue == REVIEW_QUEUE else "oldest"
+        while True:
+            task = _pick_and_claim(user=user, kinds=kinds, source=source, exclude=exclude, order=order, now=now)
+            if task is None:
+                return None
+            if not _owns_twin(task, user):
+                break
+            # The user's own twin of a double review: give it back (its row lock lasts until commit, so
+            # nobody else waits on it) and take the next one.
+            _reopen([task], now)
+            exclude.append(task.pk)
+        audit_record(actor=user, verb="task.claimed", object_type="review_task", object_id=task.pk,
+                     before={"state": ReviewTask.State.OPEN, "claimed_by": None, "lease_expires_at": None},
+                     after={**_task_state(task), "item": task.item_id, "kind": task.kind})
+    return task
+
+
+def task_renew_lease(*, user: Any, task: ReviewTask) -> ReviewTask:
+    """Extend the user's claim. Not audited: a keep-alive every minute is not a state change."""
+    now = timezone.now()
+    with transaction.atomic():
+        locked = ReviewTask.objects.select_for_update().filter(pk=task.pk).first()
+        if locked is None or locked.state != ReviewTask.State.CLAIMED or locked.claimed_by_id != user.pk:
+            raise Conflict("You no longer hold this item; it may have been given to someone else.")
+        locked.lease_expires_at = _lease_end(now)
+        locked.save(update_fields=["lease_expires_at"])
+    return locked
+
+
+def _reopen(tasks: list[ReviewTask], now: datetime) -> None:
+    for task in tasks:
+        task.state = ReviewTask.State.OPEN
+        task.claimed_by = None
+        task.claimed_at = None
+        task.lease_expires_at = None
+    ReviewTask.objects.bulk_update(tasks, ["state", "claimed_by", "claimed_at", "lease_expires_at"], batch_size=1000)
+    # An item stays in review while someone still holds another of its tasks (the twin of a double review).
+    still_held = ReviewTask.objects.filter(item_id=OuterRef("pk"), state=ReviewTask.State.CLAIMED)
+    Item.objects.filter(pk__in={t.item_id for t in tasks}, state=Item.State.IN_REVIEW).exclude(
+        Exists(still_held)
+    ).update(state=Item.State.QUEUED, state_changed_at=now)
+
+
+def task_release(*, user: Any, item: Item) -> None:
+    """Give a claim back: the task is open again and the item waits in the queue."""
+    now = timezone.now()
+    with transaction.atomic():
+        task = (
+            ReviewTask.objects.select_for_update()
+            .filter(item=item, state=ReviewTask.State.CLAIMED, claimed_by=user).order_by("id").first()
+        )
+        if task is None:
+            raise Conflict("You do not hold a claim on this item.")
+        before = _task_state(task)
+        _reopen([task], now)
+        audit_record(actor=user, verb="task.released", object_type="review_task", object_id=task.pk,
+                     before=before, after={**_task_state(task), "item": task.item_id})
+
+
+def leases_release_expired(*, chunk_size: int = 1000) -> int:
+    """Return claims whose lease ran out to the queue; one audit event per chunk."""
+    released = 0
+    while True:
+        now = timezone.now()
+        with transaction.atomic():
+            tasks = list(
+                ReviewTask.objects.select_for_update(skip_locked=True)
+                .filter(state=ReviewTask.State.CLAIMED, lease_expires_at__lt=now)
+                .order_by("lease_expires_at", "id")[:chunk_size]
+            )
+            if not tasks:
+                return released
+            holders = sorted({t.claimed_by_id for t in tasks if t.claimed_by_id})
+            _reopen(tasks, now)
+            audit_record(actor=None, verb="tasks.leases_expired", object_type="review_task",
+                         object_id=tasks[0].pk,
+                         after={"released": len(tasks), "task_ids": [t.pk for t in tasks][:100],
+                                "holders": holders})
+        released += len(tasks)
+        if len(tasks) < chunk_size:
+            return released
+
+
+def _next_round(item: Item, kind: str) -> int:
+    return (ReviewTask.objects.filter(item=item, kind=kind).aggregate(m=Max("round"))["m"] or 0) + 1
+
+
+def _sync_waiting_state(item: Item) -> None:
+    """A queued or in-review item's state from its tasks: in review while someone holds one, else queued.
+    The caller holds the item's row lock and saves it."""
+    if item.state not in (Item.State.QUEUED, Item.State.IN_REVIEW):
+        return
+    states = set(
+        ReviewTask.objects.filter(item=item, state__in=WAITING_STATES).values_list("state", flat=True).distinct()
+    )
+    if ReviewTask.State.CLAIMED in states:
+        item.state = Item.State.IN_REVIEW
+    elif ReviewTask.State.OPEN in states:
+        item.state = Item.State.QUEUED
+
+
+def _qa_track(task: ReviewTask) -> bool:
+    """QA semantics (the model's decision stands unless the answer differs) for QA tasks and their escalations."""
+    if task.kind == ReviewTask.Kind.QA:
+        return True
+    if task.kind == ReviewTask.Kind.ESCALATION and task.parent_id:
+        return ReviewTask.objects.filter(pk=task.parent_id, kind=ReviewTask.Kind.QA).exists()
+    return False
+
+
+# --- Verdicts ---------------------------------------------------------------------------------------
+
+def _earlier_verdict(user: Any, idempotency_key: str | None, item: Item) -> Verdict | None:
+    if not idempotency_key:
+        return None
+    earlier = Verdict.objects.filter(reviewer=user, idempotency_key=idempotency_key).first()
+    if earlier is not None and earlier.item_id != item.pk:
+        raise Conflict("This idempotency key was already used for a verdict on another item.",
+                       [{"field": "idempotency_key", "message": f"used for item {earlier.item_id}"}])
+    return earlier
+
+
+def _no_claim_conflict(*, user: Any, item: Item) -> Conflict:
+    other = (
+        ReviewTask.objects.filter(item=item, state=ReviewTask.State.CLAIMED).exclude(claimed_by=user).exists()
+    )
+    if other:
+        return Conflict("This item is claimed by someone else.")
+    state = Item.objects.filter(pk=item.pk).values_list("state", flat=True).first()
+    pending = ReviewTask.objects.filter(item=item, state=ReviewTask.State.OPEN).exists()
+    if state in (Item.State.DECIDED, Item.State.AUTO_DECIDED) and not pending:
+        return Conflict("This item is already decided.")
+    return Conflict("You have not claimed this item (or your claim expired); claim it first.")
+
+
+def _check_label(item: Item, label: str) -> None:
+    source = item.source
+    if label not in source.labels:
+        raise ValidationFailed(
+            f"{label!r} is not a label of source {source.slug}.",
+            [{"field": "label", "message": f"must be one of {', '.join(source.labels)}"}],
+        )
+
+
+def _label_replace(*, item: Item, label: str, origin: str, verdict: Verdict, decision: Decision | None, user: Any,
+                   now: datetime) -> Label:
+    # One active training label per item: the newest human answer replaces an older one. Undo finds the
+    # replaced label by this shared timestamp (withdrawn_at == the verdict's created_at).
+    Label.objects.filter(item=item, is_active=True).update(is_active=False, withdrawn_at=now)
+    return Label.objects.create(item=item, source_id=item.source_id, label=label, origin=origin, verdict=verdict,
+                                decision=decision, created_by=user, created_at=now)
+
+
+def _cancel_tasks(tasks: Iterable[ReviewTask], now: datetime) -> list[int]:
+    ids = [t.pk for t in tasks]
+    if ids:
+        ReviewTask.objects.filter(pk__in=ids).update(state=ReviewTask.State.CANCELLED, completed_at=now,
+                                                      lease_expires_at=None)
+    return ids
+
+
+@dataclass(frozen=True)
+class VerdictResult:
+    verdict: Verdict
+    decision: Decision | None
+    # decided | confirmed | overridden | awaiting_peer | disagreed | escalation_pending
+    outcome: str
+
+
+def _verdict_record(*, user: Any, task: ReviewTask, item: Item, label: str, note: str, idempotency_key: str | None,
+                    handling_ms: int | None, now: datetime, current: Decision | None) -> VerdictResult:
+    """Record the verdict on the locked task and item and carry out what it means for the item.
+
+    Single review: the verdict decides. QA: the model's decision stands unless the answer differs.
+    Double review: the first answer waits for the second; two equal answers decide, two different ones
+    open an adjudication task. Escalations and adjudications decide, with an adjudication label."""
+    if task.kind in ADMIN_KINDS and not can(user, "adjudicate"):
+        raise PermissionDeniedError("Only people who may adjudicate resolve escalations and adjudications.")
+    verdict = Verdict.objects.create(
+        task=task, item=item, round=task.round, reviewer=user, label=label, note=note,
+        handling_ms=handling_ms, idempotency_key=idempotency_key, created_at=now,
+    )
+    task.state = ReviewTask.State.DONE
+    task.completed_at = now
+    task.save(update_fields=["state", "completed_at"])
+    decision: Decision | None = current
+    outcome = "decided"
+    label_origin: str | None = Label.Origin.REVIEW
+    if _qa_track(task):
+        label_origin = Label.Origin.QA if task.kind == ReviewTask.Kind.QA else Label.Origin.ADJUDICATION
+        outcome = "confirmed"
+        if current is None or current.label != label:
+            reason = QA_OVERRIDE_REASON
+            if task.kind != ReviewTask.Kind.QA:
+                reason = f"escalation resolved: {QA_OVERRIDE_REASON}"
+            decision = _decision_replace(item=item, current=current, verdict=verdict, user=user, reason=reason, now=now)
+            item.state = Item.State.DECIDED
+            outcome = "overridden"
+    elif task.kind in ADMIN_KINDS:
+        label_origin = Label.Origin.ADJUDICATION
+        reason = ADJUDICATED_REASON
+        if task.kind == ReviewTask.Kind.ESCALATION:
+            reason = f"escalation resolved ({task.reason})"
+        decision = _decision_replace(item=item, current=current, verdict=verdict, user=user, reason=reason, now=now)
+        item.state = Item.State.DECIDED
+        # The adjudicator's answer is final for this item: nothing else about it waits any more.
+        _cancel_tasks(ReviewTask.objects.filter(item=item, state__in=WAITING_STATES, kind__in=PAIR_KINDS + ADMIN_KINDS)
+                      .exclude(pk=task.pk), now)
+    else:
+        # Only the two tasks of a double review have a twin, or an escalation by the other reviewer.
+        siblings = [] if not task.paired else list(
+            ReviewTask.objects.filter(item=item, round=task.round, kind__in=PAIR_KINDS)
+            .exclude(pk=task.pk).exclude(state=ReviewTask.State.CANCELLED)
+        )
+        escalated = task.paired and ReviewTask.objects.filter(
+            item=item, kind=ReviewTask.Kind.ESCALATION, state__in=WAITING_STATES).exists()
+        peers = [] if not siblings else list(
+            Verdict.objects.filter(task__in=siblings, withdrawn_at__isnull=True).values_list("label", flat=True)
+        )
+        if escalated:
+            outcome, label_origin = "escalation_pending", None
+        elif any(s.state != ReviewTask.State.DONE for s in siblings):
+            outcome, label_origin = "awaiting_peer", None
+        elif peers and any(p != label for p in peers):
+            outcome, label_origin = "disagreed", None
+            ReviewTask.objects.create(
+                item=item, source_id=item.source_id, kind=ReviewTask.Kind.ADJUDICATION,
+                round=_next_round(item, ReviewTask.Kind.ADJUDICATION), priority=task.priority,
+                reason=DISAGREEMENT_REASON, parent=task, created_at=now,
+            )
+        else:
+            decision = _decision_replace(item=item, current=current, verdict=verdict, user=user, reason=task.reason,
+                                         now=now)
+            item.state = Item.State.DECIDED
+            outcome = "agreed" if peers else "decided"
+        if label_origin is None:
+            _sync_waiting_state(item)
+    if label_origin is not None:
+        _label_replace(item=item, label=label, origin=label_origin, verdict=verdict, decision=decision, user=user,
+                       now=now)
+    item.state_changed_at = now
+    item.save(update_fields=["state", "state_changed_at"])
+    return VerdictResult(verdict=verdict, decision=decision if label_origin is not None else None, outcome=outcome)
+
+
+def verdict_submit(
+    *,
+    user: Any,
+    item: Item,
+    label: str,
+    note: str = "",
+    idempotency_key: str | None = None,
+    handling_ms: int | None = None,
+) -> tuple[Verdict, bool]:
+    """Record a reviewer's verdict on the item they hold. Returns ``(verdict, created)``; the same
+    ``idempotency_key`` again returns the earlier verdict with ``created=False`` and changes nothing."""
+    idempotency_key = idempotency_key or None
+    earlier = _earlier_verdict(user, idempotency_key, item)
+    if earlier is not None:
+        return earlier, False
+    _check_label(item, label)
+    if handling_ms is not None and not 0 <= handling_ms <= 2_147_483_647:
+        raise ValidationFailed("Invalid handling time.", [{"field": "handling_ms", "message": "out of range"}])
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            # The task row lock is the serialisation point: of two racing verdicts one wins, the
+            # other re-reads the task as done and gets a conflict (or its earlier verdict). The item
+            # lock (taken second, as claims do) serialises the two answers of a double review.
+            task = (
+                ReviewTask.objects.select_for_update()
+                .filter(item=item, state=ReviewTask.State.CLAIMED, claimed_by=user).order_by("id").first()
+            )
+            if task is None:
+                earlier = _earlier_verdict(user, idempotency_key, item)
+                if earlier is not None:
+                    return earlier, False
+                raise _no_claim_conflict(user=user, item=item)
+            locked_item = Item.objects.select_for_update(of=("self",)).select_related("prediction").get(pk=item.pk)
+            current = Decision.objects.select_for_update().filter(item=locked_item, is_current=True).first()
+            before = {"item_state": locked_item.state, "task_state": task.state,
+                      "decision": current.label if current else None}
+            result = _verdict_record(user=user, task=task, item=locked_item, label=label, note=note,
+                                     idempotency_key=idempotency_key, handling_ms=handling_ms, now=now,
+                                     current=current)
+            audit_record(
+                actor=user, verb="verdict.submitted", object_type="item", object_id=locked_item.pk,
+                correlation_id=str(locked_item.correlation_id), before=before,
+                after={"item_state": locked_item.state, "task_state": task.state, "task": task.pk,
+                       "kind": task.kind, "verdict": result.verdict.pk, "label": label,
+                       "outcome": result.outcome,
+                       "decision": result.decision.label if result.decision else None},
+            )
+    except IntegrityError:
+        # Same key sent twice at once: the unique constraint let one through; return that one.
+        earlier = _earlier_verdict(user, idempotency_key, item)
+        if earlier is None:
+            raise
+        return earlier, False
+    item.state = locked_item.state
+    return result.verdict, True
+
+
+def _decision_replace(*, item: Item, current: Decision | None, verdict: Verdict, user: Any, reason: str,
+                      now: datetime) -> Decision:
+    if current is not None:
+        # The partial unique index allows one current decision: retire the old one first.
+        current.is_current = False
+        current.save(update_fields=["is_current"])
+    prediction = item.prediction
+    decision = Decision.objects.create(
+        item=item, label=verdict.label, origin=Decision.Origin.REVIEWER, verdict=verdict, prediction=prediction,
+        model_version_id=prediction.model_version_id if prediction else None, policy_id=item.policy_id,
+        decided_by=user, supersedes=current, is_current=True, reason=reason[:300], created_at=now,
+    )
+    # The outbox rows commit with the decision (or not at all); delivery starts after commit.
+    if current is not None:
+        action_runs_create_compensation(old_decision=current, new_decision=decision)
+    action_runs_create_for_decision(decision=decision)
+    return decision
+
+
+# --- Escalation -------------------------------------------------------------------------------------
+
+def task_escalate(*, user: Any, item: Item, note: str = "") -> ReviewTask:
+    """Hand the item the user holds to the admin queue: their task is cancelled, an open twin of a double
+    review too, and an escalation task (with the note) waits for someone who may adjudicate."""
+    note = (note or "").strip()[:5000]
+    now = timezone.now()
+    with transaction.atomic():
+        task = (
+            ReviewTask.objects.select_for_update()
+            .filter(item=item, state=ReviewTask.State.CLAIMED, claimed_by=user).order_by("id").first()
+        )
+        if task is None:
+            raise _no_claim_conflict(user=user, item=item)
+        if task.kind not in ESCALATABLE_KINDS:
+            raise Conflict("Escalations and adjudications are decided here; they cannot be escalated further.")
+        locked_item = Item.objects.select_for_update(of=("self",)).get(pk=item.pk)
+        before = {**_task_state(task), "item_state": locked_item.state}
+        task.state = ReviewTask.State.CANCELLED
+        task.completed_at = now
+        task.lease_expires_at = None
+        task.save(update_fields=["state", "completed_at", "lease_expires_at"])
+        cancelled: list[int] = []
+        if task.kind in PAIR_KINDS:
+            cancelled = _cancel_tasks(
+                ReviewTask.objects.filter(item=locked_item, round=task.round, kind__in=PAIR_KINDS,
+                                          state=ReviewTask.State.OPEN).exclude(pk=task.pk), now)
+        escalation = ReviewTask.objects.create(
+            item=locked_item, source_id=locked_item.source_id, kind=ReviewTask.Kind.ESCALATION,
+            round=_next_round(locked_item, ReviewTask.Kind.ESCALATION), priority=task.priority,
+            reason=f"Escalated by {user.get_username()}"[:300], note=note, parent=task, created_at=now,
+        )
+        _sync_waiting_state(locked_item)
+        locked_item.state_changed_at = now
+        locked_item.save(update_fields=["state", "state_changed_at"])
+        audit_record(
+            actor=user, verb="task.escalated", object_type="item", object_id=locked_item.pk,
+            correlation_id=str(locked_item.correlation_id), before=before,
+            after={"task": task.pk, "kind": task.kind, "escalation": escalation.pk, "note": note,
+                   "cancelled": cancelled, "item_state": locked_item.state},
+        )
+    return escalation
+
+
+# --- Undo -------------------------------------------------------------------------------------------
+
+def verdict_undo(*, user: Any, verdict_id: int | None = None) -> ReviewTask:
+    """Withdraw the user's latest verdict (or ``verdict_id``) of the last few minutes: its label and the
+    decision it made are withdrawn (a decision it superseded is current again) and the task is the
+    user's claim again, with a fresh lease. Refused once someone else has acted on the item."""
+    now = timezone.now()
+    qs = Verdict.objects.filter(reviewer=user, withdrawn_at__isnull=True, created_at__gte=now - undo_window())
+    if verdict_id is not None:
+        qs = qs.filter(pk=verdict_id)
+    found = qs.order_by("-created_at", "-id").first()
+    if found is None:
+        minutes = int(undo_window().total_seconds() // 60)
+        raise Conflict(f"Nothing to undo: only your own verdicts of the last {minutes} minutes can be undone.")
+    with transaction.atomic():
+        task = ReviewTask.objects.select_for_update().get(pk=found.task_id)
+        item = Item.objects.select_for_update(of=("self",)).get(pk=found.item_id)
+        verdict = Verdict.objects.select_for_update().get(pk=found.pk)
+        if verdict.withdrawn_at is not None or task.state != ReviewTask.State.DONE:
+            raise Conflict("This verdict was already undone.")
+        if (Verdict.objects.filter(item=item, withdrawn_at__isnull=True, created_at__gt=verdict.created_at)
+                .exclude(pk=verdict.pk).exists()):
+            raise Conflict("Someone has answered on this item since your verdict; it cannot be undone now.")
+        follow_ups = list(ReviewTask.objects.select_for_update().filter(parent=task, kind=ReviewTask.Kind.ADJUDICATION))
+        if any(t.state != ReviewTask.State.OPEN for t in follow_ups if t.state != ReviewTask.State.CANCELLED):
+            raise Conflict("An adjudicator already has this disagreement; it cannot be undone now.")
+        cancelled = _cancel_tasks([t for t in follow_ups if t.state == ReviewTask.State.OPEN], now)
+        before = {"item_state": item.state, "task_state": task.state, "label": verdict.label}
+        decision = Decision.objects.select_for_update().filter(verdict=verdict, is_current=True).first()
+        restored: Decision | None = None
+        if decision is not None:
+            decision.is_current = False
+            decision.withdrawn_at = now
+            decision.save(update_fields=["is_current", "withdrawn_at"])
+            if decision.supersedes_id:
+                restored = Decision.objects.select_for_update().get(pk=decision.supersedes_id)
+                if restored.withdrawn_at is None:
+                    restored.is_current = True
+                    restored.save(update_fields=["is_current"])
+                else:
+                    restored = None
+            # Runs of the withdrawn decision that have not acted are cancelled; delivered ones get their
+            # compensation (attached to the restored decision, or to the withdrawn one when none is restored).
+            action_runs_create_compensation(old_decision=decision, new_decision=restored or decision)
+        Label.objects.filter(verdict=verdict, is_active=True).update(is_active=False, withdrawn_at=now)
+        replaced = (Label.objects.filter(item=item, is_active=False, withdrawn_at=verdict.created_at)
+                    .exclude(verdict=verdict).order_by("-id").first())
+        if replaced is not None and not Label.objects.filter(item=item, is_active=True).exists():
+            replaced.is_active = True
+            replaced.withdrawn_at = None
+            replaced.save(update_fields=["is_active", "withdrawn_at"])
+        verdict.withdrawn_at = now
+        verdict.save(update_fields=["withdrawn_at"])
+        task.state = ReviewTask.State.CLAIMED
+        task.claimed_by = user
+        task.claimed_at = now
+        task.lease_expires_at = _lease_end(now)
+        task.completed_at = None
+        task.save(update_fields=["state", "claimed_by", "claimed_at", "lease_expires_at", "completed_at"])
+        if _qa_track(task):
+            # The model's decision is current again (or, after a reviewer's, that one).
+            if decision is not None and restored is not None:
+                model_made = restored.origin == Decision.Origin.MODEL
+                item.state = Item.State.AUTO_DECIDED if model_made else Item.State.DECIDED
+        else:
+            item.state = Item.State.IN_REVIEW
+        item.state_changed_at = now
+        item.save(update_fields=["state", "state_changed_at"])
+        audit_record(
+            actor=user, verb="verdict.withdrawn", object_type="item", object_id=item.pk,
+            correlation_id=str(item.correlation_id), before=before,
+            after={"verdict": verdict.pk, "task": task.pk, "task_state": task.state, "item_state": item.state,
+                   "decision_withdrawn": decision.pk if decision else None,
+                   "decision_restored": restored.pk if restored else None, "cancelled": cancelled},
+        )
+    return task
+
+
+# --- Bulk verdicts ----------------------------------------------------------------------------------
+
+BULK_MAX_ITEMS = 200
+
+
+@dataclass(frozen=True)
+class BulkOutcome:
+    item_id: int
+    external_id: str
+    status: str  # "recorded" or "skipped"
+    detail: str
+    verdict_id: int | None = None
+
+
+def _bulk_task(*, user: Any, item: Item, now: datetime) -> ReviewTask:
+    """The user's claim on ``item``, or a fresh claim on its open task; a conflict says why there is none."""
+    task = (ReviewTask.objects.select_for_update()
+            .filter(item=item, state=ReviewTask.State.CLAIMED, claimed_by=user, kind__in=CLAIMABLE_KINDS)
+            .order_by("id").first())
+    if task is not None:
+        return task
+    candidates = (ReviewTask.objects.filter(item=item, state=ReviewTask.State.OPEN, kind__in=CLAIMABLE_KINDS)
+                  .order_by("id").select_for_update(skip_locked=True))
+    task = next((t for t in candidates if not _owns_twin(t, user)), None)
+    if task is None:
+        if ReviewTask.objects.filter(item=item, state=ReviewTask.State.CLAIMED).exclude(claimed_by=user).exists():
+            raise Conflict("held by another reviewer")
+        if ReviewTask.objects.filter(item=item, state=ReviewTask.State.OPEN, kind__in=CLAIMABLE_KINDS).exists():
+            raise Conflict("being claimed by someone else right now, or you already reviewed it")
+        raise Conflict("nothing waits for review on this item")
+    task.state = ReviewTask.State.CLAIMED
+    task.claimed_by = user
+    task.claimed_at = now
+    task.lease_expires_at = _lease_end(now)
+    task.save(update_fields=["state", "claimed_by", "claimed_at", "lease_expires_at"])
+    return task
+
+
+def verdicts_bulk_submit(*, user: Any, item_ids: Iterable[int], label: str, note: str = "") -> list[BulkOutcome]:
+    """One verdict (``label``) on each item: each item is claimed and decided in its own savepoint, so one
+    that another reviewer holds is skipped (and reported) while the others go through. One audit event
+    for the whole request lists every item's outcome."""
+    ids = list(dict.fromkeys(int(i) for i in item_ids))
+    if not ids:
+        raise ValidationFailed("Select at least one item.", [{"field": "items", "message": "empty selection"}])
+    if len(ids) > BULK_MAX_ITEMS:
+        raise ValidationFailed(f"At most {BULK_MAX_ITEMS} items at once.",
+                               [{"field": "items", "message": f"{len(ids)} selected"}])
+    items = {i.pk: i for i in Item.objects.filter(pk__in=ids).select_related("source")}
+    outcomes: list[BulkOutcome] = []
+    now = timezone.now()
+    with transaction.atomic():
+        for item_id in ids:
+            item = items.get(item_id)
+            if item is None:
+                outcomes.append(BulkOutcome(item_id, "", "skipped", "no such item"))
+                continue
+            if label not in item.source.labels:
+                outcomes.append(BulkOutcome(item_id, item.external_id, "skipped",
+                                            f"{label!r} is not a label of {item.source.slug}"))
+                continue
+            try:
+                with transaction.atomic():
+                    task = _bulk_task(user=user, item=item, now=now)
+                    locked = Item.objects.select_for_update(of=("self",)).select_related("prediction").get(pk=item_id)
+                    current = Decision.objects.select_for_update().filter(item=locked, is_current=True).first()
+                    result = _verdict_record(user=user, task=task, item=locked, label=label, note=note,
+                                             idempotency_key=None, handling_ms=None, now=now, current=current)
+            except Conflict as exc:
+                outcomes.append(BulkOutcome(item_id, item.external_id, "skipped", str(exc.detail)))
+                continue
+            detail = {"decided": "decided", "agreed": "decided (agrees with the other reviewer)",
+                      "confirmed": "confirmed the model's decision", "overridden": "overrode the model's decision",
+                      "awaiting_peer": "recorded; waits for the second reviewer",
+                      "disagreed": "recorded; disagreement goes to adjudication",
+                      "escalation_pending": "recorded; the item is escalated"}.get(result.outcome, result.outcome)
+            outcomes.append(BulkOutcome(item_id, item.external_id, "recorded", detail, result.verdict.pk))
+        recorded = [o for o in outcomes if o.status == "recorded"]
+        audit_record(
+            actor=user, verb="verdicts.bulk_submitted", object_type="item",
+            object_id=str(ids[0]) if len(ids) == 1 else f"{min(ids)}..{max(ids)}",
+            after={"label": label, "note": note[:500], "recorded": len(recorded),
+                   "skipped": len(outcomes) - len(recorded),
+                   "items": [[o.item_id, o.status, o.verdict_id] for o in outcomes]},
+        )
+    return outcomes

@@ -1,0 +1,64 @@
+"""Celery tasks for scoring and training. They take ids, re-read state and call one service; both are
+idempotent (items no longer ``received`` and versions no longer ``training`` are left alone). Only
+transient database errors are retried; everything else is recorded on the rows by the services."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+
+from scoring.services import (
+    TRANSIENT_DB_ERRORS,
+    items_score,
+    model_train_version,
+    model_version_mark_failed,
+    models_check_retraining,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _backoff(retries: int) -> int:
+    return min(60, 2 ** (retries + 1))
+
+
+@shared_task(name="scoring.score_items", bind=True, max_retries=5)
+def score_items(self: Task, item_ids: list[int]) -> dict[str, Any]:
+    try:
+        return items_score(item_ids=item_ids)
+    except TRANSIENT_DB_ERRORS as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
+
+
+class TrainTask(Task):
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple, kwargs: dict, einfo: Any) -> None:
+        """Retries exhausted or a hard error: the version must not stay ``training`` forever."""
+        model_version_id = kwargs.get("model_version_id", args[0] if args else None)
+        if model_version_id is None:
+            return
+        try:
+            model_version_mark_failed(model_version_id=int(model_version_id),
+                                      reason=f"training task failed: {type(exc).__name__}: {exc}")
+        except TRANSIENT_DB_ERRORS:
+            # The database is down too; the reconciler (models_reconcile) marks the version later.
+            logger.exception("could not mark model version %s failed", model_version_id)
+
+
+@shared_task(name="scoring.train_model", bind=True, base=TrainTask, max_retries=3)
+def train_model(self: Task, model_version_id: int) -> str | None:
+    try:
+        mv = model_train_version(model_version_id=model_version_id)
+    except TRANSIENT_DB_ERRORS as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
+    return mv.status if mv is not None else None
+
+
+@shared_task(name="scoring.check_retraining", bind=True, max_retries=3)
+def check_retraining(self: Task) -> dict[str, Any]:
+    """Periodic (celery beat): start a training run for each source with enough new labels."""
+    try:
+        return models_check_retraining()
+    except TRANSIENT_DB_ERRORS as exc:
+        raise self.retry(exc=exc, countdown=_backoff(self.request.retries)) from exc
