@@ -1,11 +1,12 @@
 """Export benchmark: N labeled rows to CSV, JSONL and Parquet; rows/s and peak RSS, beside raw COPY.
 
-    python bench/export.py --rows 1000000 --runs 3
+    python bench/export.py --rows 1000000 --runs 3 [--formats csv jsonl parquet jsonl-jbo]
 
 Uses BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/reviewapp_bench); the data is made once
 with set-based SQL and reused while the row count matches. Each export runs in its own process so that
 its peak RSS is its own. Prints the median of --runs runs and, beside it, the same run's raw baseline
 (PostgreSQL's COPY ... TO STDOUT of the same rows, and COPY through pyarrow to Parquet) as a ratio.
+``jsonl-jbo`` is the earlier JSONL path (PostgreSQL's json_build_object streamed through COPY), for reference.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ from reviewapp.ingest.models import Source
 source = Source.objects.get(slug="bench")
 spec = s.ExportSpec(source, {fmt!r}, s.ExportFilters(), s.Snapshot.now())
 mode = {mode!r}
+with connection.cursor() as cursor:
+    cursor.execute("SELECT pg_backend_pid()")
+    backend = cursor.fetchone()[0]
+def server_cpu():  # the PostgreSQL backend's CPU seconds, when it runs on this machine
+    try:
+        fields = open(f"/proc/{{backend}}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+server0, client0 = server_cpu(), time.process_time()
 start = time.perf_counter(); size = 0
 if mode == "export":
     for chunk in s.stream_export(spec):
@@ -37,6 +48,16 @@ if mode == "export":
 elif mode == "raw_copy":
     sql, params = s._select_sql(spec, csv_safe=False)
     for block in s._copy_blocks("COPY (" + s._bound(sql, params) + ") TO STDOUT WITH (FORMAT csv)"):
+        size += len(block)
+elif mode == "json_build_object":  # the JSONL export before 2026-11-22, kept as a reference
+    pairs = []
+    for col in spec.columns:
+        value = col.sql.replace("->>", "->") if col.sql.startswith("(i.payload ->>") else col.sql
+        pairs.append(s._quote_key(col.name) + ", " + ("p.prediction_set" if col.name == "prediction_set" else value))
+    where, params = s._where(spec)
+    sql = "SELECT json_build_object(" + ", ".join(pairs) + ")::text " + s._FROM + " WHERE " + where + " ORDER BY l.id"
+    trick = " TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
+    for block in s._copy_blocks("COPY (" + s._bound(sql, params) + ")" + trick):
         size += len(block)
 elif mode == "raw_parquet":
     import io, pyarrow.csv as pc, pyarrow.parquet as pq
@@ -49,7 +70,8 @@ elif mode == "raw_parquet":
         for b in reader:
             w.write_batch(b); size += len(sink.drain())
 elapsed = time.perf_counter() - start
-print(json.dumps({{"seconds": elapsed, "bytes": size}}))
+cpu = {{"client_cpu": time.process_time() - client0, "server_cpu": server_cpu() - server0}}
+print(json.dumps({{"seconds": elapsed, "bytes": size, **cpu}}))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -97,6 +119,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        default=["csv", "jsonl", "parquet", "jsonl-jbo"],
+        choices=["csv", "jsonl", "parquet", "jsonl-jbo"],
+    )
     args = parser.parse_args()
     url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DB)
     ensure_database(url)
@@ -108,22 +136,37 @@ def main() -> None:
     root = str(Path(__file__).resolve().parent.parent)
     env = {"DATABASE_URL": url, "REVIEWAPP_ENV": "test"}
 
-    def measure(fmt: str, mode: str) -> tuple[float, int]:
+    def measure(fmt: str, mode: str) -> tuple[dict, int]:
         out, rss = run_child(CHILD.format(root=root, fmt=fmt, mode=mode), env)
-        return json.loads(out)["seconds"], rss
+        return json.loads(out), rss
 
-    print(f"{'format':<8} {'rows/s (median)':>16} {'baseline rows/s':>16} {'ratio':>6} {'peak RSS MB':>12}")
-    for fmt, baseline in (("csv", "raw_copy"), ("jsonl", "raw_copy"), ("parquet", "raw_parquet")):
+    # CPU seconds (this process + its PostgreSQL backend) hardly move with the load other work puts on the
+    # machine, unlike wall-clock rows/s: they show where the time goes when the machine is shared.
+    print(
+        f"{'format':<12} {'rows/s (median)':>16} {'baseline rows/s':>16} {'ratio':>6} {'peak RSS MB':>12}"
+        f" {'CPU s client+PG':>16} {'baseline CPU s':>16}"
+    )
+    cases = {
+        "csv": ("csv", "export", "raw_copy"),
+        "jsonl": ("jsonl", "export", "raw_copy"),
+        "parquet": ("parquet", "export", "raw_parquet"),
+        # What JSONL cost when PostgreSQL built it with json_build_object: a reference, not an export path.
+        "jsonl-jbo": ("jsonl", "json_build_object", "raw_copy"),
+    }
+    for name in args.formats:
+        fmt, mode, baseline = cases[name]
         runs = []
         for _ in range(args.runs):
-            base_s, _ = measure(fmt, baseline)
-            ours_s, rss = measure(fmt, "export")
-            runs.append((args.rows / ours_s, args.rows / base_s, rss))
+            base, _ = measure(fmt, baseline)
+            ours, rss = measure(fmt, mode)
+            runs.append((args.rows / ours["seconds"], args.rows / base["seconds"], rss, ours, base))
         ours = median([r[0] for r in runs])
         base = median([r[1] for r in runs])
         ratio = median([r[0] / r[1] for r in runs])
         rss = max(r[2] for r in runs) / 1024
-        print(f"{fmt:<8} {ours:>16,.0f} {base:>16,.0f} {ratio:>6.2f} {rss:>12.0f}")
+        ours_cpu = "+".join(f"{median([r[3][key] for r in runs]):.1f}" for key in ("client_cpu", "server_cpu"))
+        base_cpu = "+".join(f"{median([r[4][key] for r in runs]):.1f}" for key in ("client_cpu", "server_cpu"))
+        print(f"{name:<12} {ours:>16,.0f} {base:>16,.0f} {ratio:>6.2f} {rss:>12.0f} {ours_cpu:>16} {base_cpu:>16}")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,13 @@ class ExportFiltersSerializer(serializers.Serializer):
     def filters(self) -> ExportFilters:
         data = self.validated_data
         return ExportFilters(
-            since=data.get("since"), until=data.get("until"), label=data.get("label"), origin=data.get("origin"),
-            reviewer=data.get("reviewer"), model_version=data.get("model_version"), qa_only=data["qa_only"],
+            since=data.get("since"),
+            until=data.get("until"),
+            label=data.get("label"),
+            origin=data.get("origin"),
+            reviewer=data.get("reviewer"),
+            model_version=data.get("model_version"),
+            qa_only=data["qa_only"],
             agreed_only=data["agreed_only"],
         )
 
@@ -65,9 +70,25 @@ class ExportJobSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = ExportJob
-        fields = ["id", "url", "source", "format", "status", "filters", "include_raw", "cutoff", "total_rows",
-                  "rows_written", "size_bytes", "sha256", "manifest", "error", "created_at", "finished_at",
-                  "download_url"]
+        fields = [
+            "id",
+            "url",
+            "source",
+            "format",
+            "status",
+            "filters",
+            "include_raw",
+            "cutoff",
+            "total_rows",
+            "rows_written",
+            "size_bytes",
+            "sha256",
+            "manifest",
+            "error",
+            "created_at",
+            "finished_at",
+            "download_url",
+        ]
 
     def get_url(self, job: ExportJob) -> str:
         return reverse("api-export-job", args=[job.pk])
@@ -89,8 +110,11 @@ def _source(slug: str) -> Source:
 
 
 class LabelExportApi(APIView):
-    @extend_schema(parameters=[StreamQuerySerializer], responses={(200, "text/csv"): bytes},
-                   summary="Stream the source's labeled rows with provenance")
+    @extend_schema(
+        parameters=[StreamQuerySerializer],
+        responses={(200, "text/csv"): bytes},
+        summary="Stream the source's labeled rows with provenance",
+    )
     def get(self, request: Request, slug: str) -> StreamingHttpResponse:
         _require_export(request)
         source = _source(slug)
@@ -105,8 +129,12 @@ class LabelExportApi(APIView):
                 last_audit_event_id=None,
             )
         spec, stream = labels_export_stream(
-            actor=request.user, source=source, fmt=query.validated_data["format"], filters=query.filters(),
-            snapshot=snapshot, include_raw=query.validated_data["include_raw"],
+            actor=request.user,
+            source=source,
+            fmt=query.validated_data["format"],
+            filters=query.filters(),
+            snapshot=snapshot,
+            include_raw=query.validated_data["include_raw"],
         )
         response = StreamingHttpResponse(stream, content_type=CONTENT_TYPES[spec.fmt])
         response["Content-Disposition"] = f'attachment; filename="{source.slug}-labels.{spec.fmt}"'
@@ -122,15 +150,21 @@ class ExportJobListApi(APIView):
         jobs = ExportJob.objects.filter(source=_source(slug)).select_related("source")[:100]
         return Response(ExportJobSerializer(jobs, many=True).data)
 
-    @extend_schema(request=ExportFiltersSerializer, responses={202: ExportJobSerializer},
-                   summary="Start an asynchronous export")
+    @extend_schema(
+        request=ExportFiltersSerializer, responses={202: ExportJobSerializer}, summary="Start an asynchronous export"
+    )
     def post(self, request: Request, slug: str) -> Response:
         _require_export(request)
         source = _source(slug)
         body = ExportFiltersSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        job = export_job_create(actor=request.user, source=source, fmt=body.validated_data["format"],
-                                filters=body.filters(), include_raw=body.validated_data["include_raw"])
+        job = export_job_create(
+            actor=request.user,
+            source=source,
+            fmt=body.validated_data["format"],
+            filters=body.filters(),
+            include_raw=body.validated_data["include_raw"],
+        )
         return Response(ExportJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
 
@@ -148,8 +182,11 @@ class ExportDownloadApi(APIView):
         job = get_object_or_404(ExportJob, pk=pk)
         if job.status != ExportJob.Status.DONE:
             raise NotFound("This export has no file yet.", [{"field": "status", "message": job.status}])
-        response = FileResponse(open(job.file_path, "rb"), as_attachment=True,  # noqa: SIM115 - closed by Django
-                                filename=f"{job.source.slug}-labels-{job.pk}.{job.file_format}",
-                                content_type=CONTENT_TYPES[job.file_format])
+        response = FileResponse(
+            open(job.file_path, "rb"),  # noqa: SIM115 - closed by Django
+            as_attachment=True,
+            filename=f"{job.source.slug}-labels-{job.pk}.{job.file_format}",
+            content_type=CONTENT_TYPES[job.file_format],
+        )
         response["X-Content-SHA256"] = job.sha256
         return response

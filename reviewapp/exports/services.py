@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +42,7 @@ CONTENT_TYPES = {
 # Cells starting with these are read as formulas by spreadsheet programs.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 _JSON_TYPES = {"number": "float64", "integer": "int64", "boolean": "bool"}
+OnRows = Callable[[int], None] | None
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,13 @@ def _payload_fields(source: Source) -> list[tuple[str, str]]:
 
 
 def _quote_key(name: str) -> str:
-    return "'" + name.replace("'", "''") + "'"
+    """A SQL string literal for a name. Every statement here goes through psycopg's parameter formatting,
+    so a % is doubled too."""
+    return "'" + name.replace("'", "''").replace("%", "%%") + "'"
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""').replace("%", "%%") + '"'
 
 
 def export_columns(source: Source, *, include_raw: bool = False) -> list[Column]:
@@ -205,16 +213,14 @@ def count_rows(spec: ExportSpec) -> int:
 
 
 def _neutralised(expr: str) -> str:
-    return (
-        f"CASE WHEN left({expr}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r') THEN '''' || {expr} ELSE {expr} END"
-    )
+    return f"CASE WHEN left({expr}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r') THEN '''' || {expr} ELSE {expr} END"
 
 
 def _select_sql(spec: ExportSpec, *, csv_safe: bool) -> tuple[str, list[Any]]:
     exprs = []
     for col in spec.columns:
         expr = _neutralised(col.sql) if csv_safe and col.is_text else col.sql
-        exprs.append(f'{expr} AS "{col.name}"')
+        exprs.append(f"{expr} AS {_quote_ident(col.name)}")
     where, params = _where(spec)
     return f"SELECT {', '.join(exprs)} {_FROM} WHERE {where} ORDER BY l.id", params
 
@@ -241,30 +247,94 @@ def _copy_blocks(statement: str, raw: Any = None) -> Iterator[bytes]:
             yield bytes(block)
 
 
+def _copy_chunks(statement: str, raw: Any, size: int = 1 << 18) -> Iterator[bytes]:
+    """The COPY output in chunks of about ``size`` bytes. PostgreSQL sends one message per row; the
+    consumers (pyarrow's reader, the HTTP response, the job's file, hash and progress) pay per chunk."""
+    pending: list[bytes] = []
+    held = 0
+    with raw.cursor() as cursor, cursor.copy(statement) as copy:
+        for block in copy:
+            pending.append(block)
+            held += len(block)
+            if held >= size:
+                yield b"".join(pending)
+                pending, held = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+def _csv_batches(statement: str, read: Any, convert: Any) -> Iterator[Any]:
+    """Record batches of a ``COPY ... (FORMAT csv)``, read by pyarrow as the stream arrives; none when the
+    query has no rows (pyarrow refuses an empty file)."""
+    import pyarrow.csv as pacsv
+
+    chunks = _copy_chunks(statement, _raw_connection(), 1 << 20)
+    first = next(chunks, None)
+    if first is None:
+        return
+    source = io.BufferedReader(_BlockReader(itertools.chain([first], chunks)), buffer_size=1 << 20)
+    yield from pacsv.open_csv(
+        source, read_options=read, convert_options=convert, parse_options=pacsv.ParseOptions(newlines_in_values=True)
+    )
+
+
 def _pg_csv(spec: ExportSpec) -> Iterator[bytes]:
     sql, params = _select_sql(spec, csv_safe=True)
-    yield from _copy_blocks(f"COPY ({_bound(sql, params)}) TO STDOUT WITH (FORMAT csv, HEADER true)")
+    yield from _copy_chunks(f"COPY ({_bound(sql, params)}) TO STDOUT WITH (FORMAT csv, HEADER true)", _raw_connection())
+
+
+def jsonl_values(spec: ExportSpec) -> list[tuple[str, str]]:
+    """(name, SQL expression of the JSON value) per key, in column order. Payload values keep their JSON
+    type (jsonb), the prediction set and the raw payload stay JSON, integers are JSON numbers as they are,
+    and text, timestamps and floats go through ``to_json`` (escaping, and NaN or Infinity as strings)."""
+    values = []
+    for col in spec.columns:
+        if col.sql.startswith("(i.payload ->>"):
+            values.append((col.name, col.sql.replace("->>", "->", 1) + "::text"))
+        elif col.name == "prediction_set":
+            values.append((col.name, "p.prediction_set::text"))
+        elif col.name == "payload_json":
+            values.append((col.name, "i.payload::text"))
+        elif col.arrow_type == "int64":
+            values.append((col.name, f"({col.sql})::text"))
+        else:
+            values.append((col.name, f"to_json({col.sql})::text"))
+    return values
+
+
+def pg_json_escape(text: str) -> str:
+    """A JSON string literal exactly as PostgreSQL's escape_json writes it (non-ASCII kept as UTF-8)."""
+    return '"' + "".join(_JSON_ESCAPES.get(ch, ch) for ch in text) + '"'
+
+
+_JSON_ESCAPES = {chr(n): f"\\u{n:04x}" for n in range(0x20)} | {
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+    '"': '\\"',
+    "\\": "\\\\",
+}
 
 
 def _pg_jsonl(spec: ExportSpec) -> Iterator[bytes]:
-    cols = spec.columns
-    if len(cols) > 50:  # json_build_object takes at most 100 arguments
-        yield from _python_stream(spec)
-        return
-    pairs = []
-    for col in cols:
-        # Payload values keep their JSON type; everything else is typed by PostgreSQL.
-        value = col.sql.replace("->>", "->") if col.sql.startswith("(i.payload ->>") else col.sql
-        if col.name == "prediction_set":
-            value = "p.prediction_set"
-        if col.name == "payload_json":
-            value = "i.payload"
-        pairs.append(f"{_quote_key(col.name)}, {value}")
+    """JSON lines, byte for byte what ``json_build_object(...)::text`` writes, at nearly the speed of a COPY.
+
+    Each line is one text value concatenated in SQL: the keys as literals, each value as its JSON text.
+    json_build_object sorts out every argument's type again on every row, which made it run at about half
+    the speed of the plain COPY; concatenation costs PostgreSQL a few percent more than the CSV text does.
+    Python only passes the bytes on.
+    """
+    parts = []
+    for n, (name, value) in enumerate(jsonl_values(spec)):
+        parts += [_quote_key(("{" if n == 0 else ", ") + pg_json_escape(name) + " : "), f"coalesce({value}, 'null')"]
     where, params = _where(spec)
-    sql = f"SELECT json_build_object({', '.join(pairs)})::text {_FROM} WHERE {where} ORDER BY l.id"
-    # CSV format with quote and delimiter bytes that JSON text never contains: each line is the raw JSON.
-    yield from _copy_blocks(
-        f"COPY ({_bound(sql, params)}) TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
+    sql = f"SELECT {' || '.join(parts)} || '}}' {_FROM} WHERE {where} ORDER BY l.id"
+    # CSV format with quote and delimiter bytes that JSON text never holds raw: each line is the JSON as is.
+    yield from _copy_chunks(
+        f"COPY ({_bound(sql, params)}) TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')",
+        _raw_connection(),
     )
 
 
@@ -322,35 +392,40 @@ class _Sink(io.RawIOBase):
         return out
 
 
-def _parquet_from_batches(schema: Any, batches: Iterator[Any]) -> Iterator[bytes]:
+def _parquet_from_batches(schema: Any, batches: Iterator[Any], on_rows: OnRows = None) -> Iterator[bytes]:
     import pyarrow.parquet as pq
 
     sink = _Sink()
     with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
         for batch in batches:
             writer.write_batch(batch)
+            if on_rows is not None:
+                on_rows(batch.num_rows)
             data = sink.drain()
             if data:
                 yield data
     yield sink.drain()
 
 
-def _pg_parquet(spec: ExportSpec) -> Iterator[bytes]:
+def _pg_parquet(spec: ExportSpec, on_rows: OnRows = None) -> Iterator[bytes]:
     import pyarrow.csv as pacsv
 
     cols = spec.columns
     schema = _arrow_schema(cols)
     sql, params = _select_sql(spec, csv_safe=False)
-    blocks = _copy_blocks(f"COPY ({_bound(sql, params)}) TO STDOUT WITH (FORMAT csv, HEADER false)", _raw_connection())
-    reader = pacsv.open_csv(
-        io.BufferedReader(_BlockReader(blocks), buffer_size=1 << 20),
-        read_options=pacsv.ReadOptions(column_names=[c.name for c in cols], block_size=8 << 20),
-        parse_options=pacsv.ParseOptions(newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(
-            column_types=schema, strings_can_be_null=True, quoted_strings_can_be_null=False
+    reader = _csv_batches(
+        f"COPY ({_bound(sql, params)}) TO STDOUT WITH (FORMAT csv, HEADER false)",
+        pacsv.ReadOptions(column_names=[c.name for c in cols], block_size=8 << 20),
+        pacsv.ConvertOptions(
+            column_types=schema,
+            check_utf8=False,
+            # Only an unquoted empty field is SQL NULL; text such as "NA" or "null" stays text.
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
         ),
     )
-    yield from _parquet_from_batches(schema, reader)
+    yield from _parquet_from_batches(schema, reader, on_rows)
 
 
 # --- the portable path (SQLite and anything else) -------------------------------------------------------
@@ -362,9 +437,12 @@ def _python_rows(spec: ExportSpec) -> Iterator[dict[str, Any]]:
     f, snap = spec.filters, spec.snapshot
     qs = Label.objects.filter(
         Q(withdrawn_at__isnull=True) | Q(withdrawn_at__gt=snap.cutoff),
-        source=spec.source, id__lte=snap.max_label_id, created_at__lte=snap.cutoff,
-    ).select_related("item__schema_version", "verdict__reviewer", "decision__prediction__model_version",
-                     "decision__policy")
+        source=spec.source,
+        id__lte=snap.max_label_id,
+        created_at__lte=snap.cutoff,
+    ).select_related(
+        "item__schema_version", "verdict__reviewer", "decision__prediction__model_version", "decision__policy"
+    )
     if f.since:
         qs = qs.filter(created_at__gte=f.since)
     if f.until:
@@ -436,7 +514,7 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     return {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()}
 
 
-def _python_stream(spec: ExportSpec) -> Iterator[bytes]:
+def _python_stream(spec: ExportSpec, on_rows: OnRows = None) -> Iterator[bytes]:
     cols = spec.columns
     names = [c.name for c in cols]
     text_cols = {c.name for c in cols if c.is_text}
@@ -455,7 +533,7 @@ def _python_stream(spec: ExportSpec) -> Iterator[bytes]:
             if chunk:
                 yield pa.RecordBatch.from_pylist([_flat(r) for r in chunk], schema=schema)
 
-        yield from _parquet_from_batches(schema, batches())
+        yield from _parquet_from_batches(schema, batches(), on_rows)
         return
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -473,13 +551,16 @@ def _python_stream(spec: ExportSpec) -> Iterator[bytes]:
     yield buffer.getvalue().encode()
 
 
-def stream_export(spec: ExportSpec) -> Iterator[bytes]:
-    """The export's bytes, chunk by chunk, in constant memory."""
+def stream_export(spec: ExportSpec, *, on_rows: OnRows = None) -> Iterator[bytes]:
+    """The export's bytes, chunk by chunk, in constant memory. ``on_rows`` hears each Parquet batch's row
+    count as it is written (a binary file has no lines for a progress bar to count)."""
     if spec.fmt not in FORMATS:
         raise ValidationFailed("Unsupported export format.", [{"field": "format", "message": f"one of {FORMATS}"}])
     if connection.vendor != "postgresql":
-        return _python_stream(spec)
-    return {"csv": _pg_csv, "jsonl": _pg_jsonl, "parquet": _pg_parquet}[spec.fmt](spec)
+        return _python_stream(spec, on_rows)
+    if spec.fmt == "parquet":
+        return _pg_parquet(spec, on_rows)
+    return {"csv": _pg_csv, "jsonl": _pg_jsonl}[spec.fmt](spec)
 
 
 # --- services: the three doors call these ----------------------------------------------------------------
@@ -514,15 +595,28 @@ def labels_export_stream(
     spec = ExportSpec(source=source, fmt=fmt, filters=filters, snapshot=snapshot, include_raw=include_raw)
     with transaction.atomic():
         audit_record(
-            actor=actor, verb="labels.exported", object_type="source", object_id=source.pk,
-            after={"format": fmt, "filters": filters.to_dict(), "cutoff": snapshot.cutoff.isoformat(),
-                   "max_label_id": snapshot.max_label_id, "streamed": True},
+            actor=actor,
+            verb="labels.exported",
+            object_type="source",
+            object_id=source.pk,
+            after={
+                "format": fmt,
+                "filters": filters.to_dict(),
+                "cutoff": snapshot.cutoff.isoformat(),
+                "max_label_id": snapshot.max_label_id,
+                "streamed": True,
+            },
         )
     return spec, stream_export(spec)
 
 
 def export_job_create(
-    *, actor: Any, source: Source, fmt: str, filters: ExportFilters, include_raw: bool = False,
+    *,
+    actor: Any,
+    source: Source,
+    fmt: str,
+    filters: ExportFilters,
+    include_raw: bool = False,
     snapshot: Snapshot | None = None,
 ) -> ExportJob:
     """An asynchronous export: the snapshot is taken now, the file is written by a worker."""
@@ -530,13 +624,22 @@ def export_job_create(
     snapshot = snapshot or Snapshot.now()
     with transaction.atomic():
         job = ExportJob.objects.create(
-            source=source, file_format=fmt, filters=filters.to_dict(), include_raw=include_raw,
-            cutoff=snapshot.cutoff, max_label_id=snapshot.max_label_id,
+            source=source,
+            file_format=fmt,
+            filters=filters.to_dict(),
+            include_raw=include_raw,
+            cutoff=snapshot.cutoff,
+            max_label_id=snapshot.max_label_id,
             last_audit_event_id=snapshot.last_audit_event_id,
             created_by=actor if getattr(actor, "pk", None) else None,
         )
-        audit_record(actor=actor, verb="export.requested", object_type="export", object_id=job.pk,
-                     after={"format": fmt, "filters": job.filters, "cutoff": snapshot.cutoff.isoformat()})
+        audit_record(
+            actor=actor,
+            verb="export.requested",
+            object_type="export",
+            object_id=job.pk,
+            after={"format": fmt, "filters": job.filters, "cutoff": snapshot.cutoff.isoformat()},
+        )
         transaction.on_commit(lambda: _enqueue(job.pk))
     return job
 
@@ -549,8 +652,11 @@ def _enqueue(job_id: int) -> None:
 
 def job_spec(job: ExportJob) -> ExportSpec:
     return ExportSpec(
-        source=job.source, fmt=job.file_format, filters=ExportFilters.from_dict(job.filters),
-        snapshot=Snapshot(job.cutoff, job.max_label_id, job.last_audit_event_id), include_raw=job.include_raw,
+        source=job.source,
+        fmt=job.file_format,
+        filters=ExportFilters.from_dict(job.filters),
+        snapshot=Snapshot(job.cutoff, job.max_label_id, job.last_audit_event_id),
+        include_raw=job.include_raw,
     )
 
 
@@ -575,7 +681,13 @@ def export_job_run(*, job_id: int) -> ExportJob:
     partial = path.with_suffix(path.suffix + ".partial")
     digest, size, lines = hashlib.sha256(), 0, 0
     with partial.open("wb") as out, _ProgressReporter(job.pk) as progress:
-        for chunk in stream_export(spec):
+
+        def advance(rows: int) -> None:
+            nonlocal lines
+            lines += rows
+            progress.report(min(lines, total))
+
+        for chunk in stream_export(spec, on_rows=advance):
             out.write(chunk)
             digest.update(chunk)
             size += len(chunk)
@@ -587,11 +699,22 @@ def export_job_run(*, job_id: int) -> ExportJob:
     path.with_suffix(path.suffix + ".manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     with transaction.atomic():
         ExportJob.objects.filter(pk=job.pk).update(
-            status=ExportJob.Status.DONE, rows_written=total, file_path=str(path), size_bytes=size,
-            sha256=digest.hexdigest(), manifest=manifest, finished_at=timezone.now(), state_changed_at=timezone.now(),
+            status=ExportJob.Status.DONE,
+            rows_written=total,
+            file_path=str(path),
+            size_bytes=size,
+            sha256=digest.hexdigest(),
+            manifest=manifest,
+            finished_at=timezone.now(),
+            state_changed_at=timezone.now(),
         )
-        audit_record(actor=job.created_by, verb="export.finished", object_type="export", object_id=job.pk,
-                     after={"rows": total, "sha256": digest.hexdigest(), "bytes": size})
+        audit_record(
+            actor=job.created_by,
+            verb="export.finished",
+            object_type="export",
+            object_id=job.pk,
+            after={"rows": total, "sha256": digest.hexdigest(), "bytes": size},
+        )
     return ExportJob.objects.get(pk=job.pk)
 
 
@@ -647,13 +770,20 @@ def build_manifest(job: ExportJob, spec: ExportSpec, *, rows: int, sha256: str, 
 
 def export_job_fail(*, job_id: int, reason: str) -> None:
     with transaction.atomic():
-        updated = ExportJob.objects.filter(pk=job_id).exclude(status=ExportJob.Status.DONE).update(
-            status=ExportJob.Status.FAILED, error=reason[:2000], finished_at=timezone.now(),
-            state_changed_at=timezone.now(),
+        updated = (
+            ExportJob.objects.filter(pk=job_id)
+            .exclude(status=ExportJob.Status.DONE)
+            .update(
+                status=ExportJob.Status.FAILED,
+                error=reason[:2000],
+                finished_at=timezone.now(),
+                state_changed_at=timezone.now(),
+            )
         )
         if updated:
-            audit_record(actor=None, verb="export.failed", object_type="export", object_id=job_id,
-                         after={"reason": reason[:500]})
+            audit_record(
+                actor=None, verb="export.failed", object_type="export", object_id=job_id, after={"reason": reason[:500]}
+            )
 
 
 def export_verify(job: ExportJob) -> bool:

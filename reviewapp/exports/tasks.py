@@ -20,7 +20,7 @@ def run_export(self: Task, *, job_id: int) -> None:
     try:
         export_job_run(job_id=job_id)
     except OperationalError as exc:  # database briefly unreachable: retry, the job row keeps the state
-        raise self.retry(exc=exc, countdown=min(2 ** self.request.retries * 5, 300)) from exc
+        raise self.retry(exc=exc, countdown=min(2**self.request.retries * 5, 300)) from exc
 
 
 @shared_task(name="exports.reconcile")

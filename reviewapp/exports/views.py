@@ -45,11 +45,19 @@ def export_list(request: HttpRequest) -> HttpResponse:
         data = form.cleaned_data
         try:
             job = export_job_create(
-                actor=request.user, source=data["source"], fmt=data["format"], include_raw=data["include_raw"],
+                actor=request.user,
+                source=data["source"],
+                fmt=data["format"],
+                include_raw=data["include_raw"],
                 filters=ExportFilters(
-                    since=data["since"], until=data["until"], label=data["label"] or None,
-                    origin=data["origin"] or None, reviewer=data["reviewer"] or None,
-                    model_version=data["model_version"], qa_only=data["qa_only"], agreed_only=data["agreed_only"],
+                    since=data["since"],
+                    until=data["until"],
+                    label=data["label"] or None,
+                    origin=data["origin"] or None,
+                    reviewer=data["reviewer"] or None,
+                    model_version=data["model_version"],
+                    qa_only=data["qa_only"],
+                    agreed_only=data["agreed_only"],
                 ),
             )
         except DomainError as exc:
@@ -78,9 +86,12 @@ def export_download(request: HttpRequest, pk: int) -> FileResponse:
     job = get_object_or_404(ExportJob, pk=pk)
     if job.status != ExportJob.Status.DONE:
         raise Http404("This export has no file yet.")
-    return FileResponse(open(job.file_path, "rb"), as_attachment=True,
-                        filename=f"{job.source.slug}-labels-{job.pk}.{job.file_format}",
-                        content_type=CONTENT_TYPES[job.file_format])
+    return FileResponse(
+        open(job.file_path, "rb"),
+        as_attachment=True,
+        filename=f"{job.source.slug}-labels-{job.pk}.{job.file_format}",
+        content_type=CONTENT_TYPES[job.file_format],
+    )
 
 
 @login_required

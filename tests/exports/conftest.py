@@ -31,24 +31,44 @@ def make_labeled(
         record.update(overrides or {})
         payload = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
         item = Item.objects.create(
-            source=source, external_id=payload["payment_id"], payload=payload, schema_version=schema,
-            payload_sha256=hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest(), state="decided",
+            source=source,
+            external_id=payload["payment_id"],
+            payload=payload,
+            schema_version=schema,
+            payload_sha256=hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest(),
+            state="decided",
         )
         if reviewer is None:
             decision = Decision.objects.create(item=item, label=label, origin="import")
-            labels.append(Label.objects.create(item=item, source=source, label=label, origin="import",
-                                               decision=decision))
+            labels.append(
+                Label.objects.create(item=item, source=source, label=label, origin="import", decision=decision)
+            )
             continue
         prediction = Prediction.objects.create(
-            item=item, model_version=model, probabilities={"legit": 0.6, "fraud": 0.4}, top_label="legit",
-            confidence=0.6, alternatives=[["fraud", 0.4]], prediction_set=["legit", "fraud"],
+            item=item,
+            model_version=model,
+            probabilities={"legit": 0.6, "fraud": 0.4},
+            top_label="legit",
+            confidence=0.6,
+            alternatives=[["fraud", 0.4]],
+            prediction_set=["legit", "fraud"],
         )
         task = ReviewTask.objects.create(item=item, source=source, state="done", completed_at=timezone.now())
         verdict = Verdict.objects.create(task=task, item=item, reviewer=reviewer, label=label, handling_ms=4200)
-        decision = Decision.objects.create(item=item, label=label, origin="reviewer", verdict=verdict,
-                                           prediction=prediction, model_version=model, policy=policy)
-        labels.append(Label.objects.create(item=item, source=source, label=label, origin="review", verdict=verdict,
-                                           decision=decision))
+        decision = Decision.objects.create(
+            item=item,
+            label=label,
+            origin="reviewer",
+            verdict=verdict,
+            prediction=prediction,
+            model_version=model,
+            policy=policy,
+        )
+        labels.append(
+            Label.objects.create(
+                item=item, source=source, label=label, origin="review", verdict=verdict, decision=decision
+            )
+        )
     return labels
 
 

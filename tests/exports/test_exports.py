@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from datetime import timedelta
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -24,8 +25,13 @@ pytestmark = pytest.mark.django_db
 
 
 def _export(source, fmt, filters=None, snapshot=None, include_raw=False) -> bytes:
-    spec = ExportSpec(source=source, fmt=fmt, filters=filters or ExportFilters(), snapshot=snapshot or Snapshot.now(),
-                      include_raw=include_raw)
+    spec = ExportSpec(
+        source=source,
+        fmt=fmt,
+        filters=filters or ExportFilters(),
+        snapshot=snapshot or Snapshot.now(),
+        include_raw=include_raw,
+    )
     return b"".join(stream_export(spec))
 
 
@@ -41,7 +47,8 @@ def _read(fmt: str, data: bytes) -> pd.DataFrame:
 def test_round_trip_matches_the_database_row_by_row(labeled_source, fmt):
     frame = _read(fmt, _export(labeled_source, fmt))
     labels = list(
-        Label.objects.filter(source=labeled_source, is_active=True).select_related("item", "verdict__reviewer")
+        Label.objects.filter(source=labeled_source, is_active=True)
+        .select_related("item", "verdict__reviewer")
         .order_by("id")
     )
     assert len(frame) == len(labels) == 40
@@ -120,7 +127,7 @@ def test_csv_formula_injection_is_neutralised(db):
     from tests.factories import make_payments_source
 
     source = make_payments_source(slug="inj")
-    hostile = ["=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\tcmd", "\rcmd", "plain"]
+    hostile = ['=HYPERLINK("http://x")', "+1+1", "-2+3", "@SUM(A1)", "\tcmd", "\rcmd", "plain"]
     for n, text in enumerate(hostile):
         make_labeled(source, 1, start=n, overrides={"description": text})
     frame = _read("csv", _export(source, "csv"))
@@ -160,8 +167,18 @@ def test_cli_matches_api_for_the_same_snapshot(labeled_source, tmp_path):
         response = engineer.get(f"/api/v1/sources/{labeled_source.slug}/labels/export/?format={fmt}&{query}")
         api_bytes = b"".join(response.streaming_content)
         out = tmp_path / f"labels.{fmt}"
-        call_command("export_labels", labeled_source.slug, "--format", fmt, "-o", str(out),
-                     "--cutoff", snapshot.cutoff.isoformat(), "--max-label-id", str(snapshot.max_label_id))
+        call_command(
+            "export_labels",
+            labeled_source.slug,
+            "--format",
+            fmt,
+            "-o",
+            str(out),
+            "--cutoff",
+            snapshot.cutoff.isoformat(),
+            "--max-label-id",
+            str(snapshot.max_label_id),
+        )
         assert out.read_bytes() == api_bytes
 
 
@@ -196,8 +213,11 @@ def test_export_job_end_to_end_with_live_worker(live_worker, tmp_path):
     started = engineer.post(f"/api/v1/sources/{source.slug}/labels/exports/", {"format": "parquet"}, format="json")
     assert started.status_code == 202, started.content
     job_id = started.json()["id"]
-    job = wait_for(lambda: ExportJob.objects.filter(pk=job_id, status__in=["done", "failed"]).first(), timeout=60,
-                   what="the export job")
+    job = wait_for(
+        lambda: ExportJob.objects.filter(pk=job_id, status__in=["done", "failed"]).first(),
+        timeout=60,
+        what="the export job",
+    )
     assert job.status == "done", job.error
     detail = engineer.get(f"/api/v1/exports/{job_id}/").json()
     manifest = detail["manifest"]
@@ -217,3 +237,188 @@ def test_export_job_end_to_end_with_live_worker(live_worker, tmp_path):
     with open(job.file_path, "ab") as handle:
         handle.write(b"tampered")
     assert not export_verify(job)
+
+
+def _hostile_source():
+    """Rows whose text needs every kind of escaping, text that looks like a null, and missing values."""
+    from reviewapp.ingest.models import Item
+    from scoring.models import Prediction
+    from tests.factories import make_payments_source
+
+    source = make_payments_source(slug="hostile")
+    texts = [
+        'say "hi"',
+        "back\\slash",
+        "ctrl\x01\x02\x1f",
+        "line\nbreak\r\ttab\b\f",
+        "é ü 😀 \u2028",
+        "null",
+        "NA",
+        "",
+        "/slash",
+        "N/A",
+    ]
+    reviewer = UserFactory(username='we"ird\\name', role="analyst")
+    for n, text in enumerate(texts):
+        make_labeled(
+            source,
+            1,
+            start=n,
+            overrides={"description": text, "payment_id": f"{text}#{n}"},
+            reviewer=reviewer if n % 2 else None,
+        )
+    make_labeled(source, 1, start=99, overrides={"payment_id": "NA", "country": None})
+    # A payload without one of the schema's fields (SQL NULL, not JSON null) and odd floats.
+    item = Item.objects.filter(source=source).order_by("id").first()
+    item.payload.pop("merchant_category")
+    Item.objects.filter(pk=item.pk).update(payload=item.payload)
+    Prediction.objects.filter(item__source=source).update(confidence=1e-05)
+    return source
+
+
+def _json_build_object_reference(spec: ExportSpec) -> bytes:
+    """The JSON lines as PostgreSQL's own json_build_object writes them: the format the export must keep."""
+    from django.db import connection
+
+    from reviewapp.exports.services import _FROM, _quote_key, _where
+
+    pairs = []
+    for col in spec.columns:  # payload values, the prediction set and the raw payload as jsonb
+        value = col.sql.replace("->>", "->") if col.sql.startswith("(i.payload ->>") else col.sql
+        value = {"prediction_set": "p.prediction_set", "payload_json": "i.payload"}.get(col.name, value)
+        pairs.append(f"{_quote_key(col.name)}, {value}")
+    pairs = ", ".join(pairs)
+    where, params = _where(spec)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT json_build_object({pairs})::text {_FROM} WHERE {where} ORDER BY l.id", params)
+        return b"".join((row[0] + "\n").encode() for row in cursor.fetchall())
+
+
+@pytest.mark.parametrize("include_raw", [False, True])
+def test_jsonl_is_byte_identical_to_postgresql_json(db, include_raw):
+    source = _hostile_source()
+    spec = ExportSpec(source, "jsonl", ExportFilters(), Snapshot.now(), include_raw=include_raw)
+    data = b"".join(stream_export(spec))
+    assert data == _json_build_object_reference(spec)
+    rows = [json.loads(line) for line in data.splitlines()]
+    assert len(rows) == 11
+    assert [r["description"] for r in rows[:10]] == [
+        'say "hi"',
+        "back\\slash",
+        "ctrl\x01\x02\x1f",
+        "line\nbreak\r\ttab\b\f",
+        "é ü 😀 \u2028",
+        "null",
+        "NA",
+        "",
+        "/slash",
+        "N/A",
+    ]
+    assert rows[-1]["external_id"] == "NA" and rows[-1]["country"] is None and rows[0]["merchant_category"] is None
+    assert rows[1]["reviewer"] == 'we"ird\\name' and rows[1]["confidence"] == 1e-05
+
+
+def test_jsonl_many_columns_and_filters_keep_the_format(labeled_source):
+    """Filters change the rows, never the format; a filter matching nothing gives a valid empty file."""
+    for filters in (
+        ExportFilters(reviewer="rita"),
+        ExportFilters(origin="import", label="legit"),
+        ExportFilters(model_version=7),
+    ):
+        spec = ExportSpec(labeled_source, "jsonl", filters, Snapshot.now(), include_raw=True)
+        data = b"".join(stream_export(spec))
+        assert data == _json_build_object_reference(spec)
+        assert len(data.splitlines()) == count_rows(spec)
+    nothing = ExportFilters(model_version=7)
+    assert _export(labeled_source, "jsonl", nothing) == b""
+    assert _read("csv", _export(labeled_source, "csv", nothing)).empty
+    empty = pq.read_table(io.BytesIO(_export(labeled_source, "parquet", nothing)))
+    assert empty.num_rows == 0 and "amount" in empty.schema.names
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_text_that_looks_like_null_stays_text(db, fmt):
+    source = _hostile_source()
+    frame = _read(fmt, _export(source, fmt))
+    assert list(frame["external_id"])[-1] == "NA"
+    assert list(frame["description"])[5:7] == ["null", "NA"]
+    if fmt == "parquet":  # CSV has one spelling for empty text and none; Parquet keeps them apart
+        assert list(frame["description"])[7] == ""
+        assert frame["merchant_category"].isna().tolist() == [True] + [False] * 10
+
+
+def test_portable_path_gives_the_same_json_rows(labeled_source):
+    """The ORM path (SQLite) and the COPY path agree value for value."""
+    from reviewapp.exports.services import _python_stream
+
+    spec = ExportSpec(labeled_source, "jsonl", ExportFilters(), Snapshot.now(), include_raw=True)
+    portable = [json.loads(line) for line in b"".join(_python_stream(spec)).splitlines()]
+    copied = [json.loads(line) for line in b"".join(stream_export(spec)).splitlines()]
+    assert portable == copied and len(copied) == 40
+
+
+def test_wide_schema_and_odd_field_names_in_every_format(db):
+    """More fields than json_build_object takes, and names with quotes and percent signs."""
+    from reviewapp.ingest.models import SchemaVersion
+    from tests.factories import make_payments_source
+
+    source = make_payments_source(slug="wide")
+    schema = SchemaVersion.objects.get(source=source)
+    extra = {"50% off": "string", 'say "x"': "number", "it's": "integer"} | {f"f{n:02}": "integer" for n in range(45)}
+    schema.json_schema["properties"] |= {name: {"type": kind} for name, kind in extra.items()}
+    schema.save()
+    values = {"50% off": "%s %(x)s", 'say "x"': 1.5, "it's": 7} | {f"f{n:02}": n for n in range(45)}
+    make_labeled(source, 3, overrides=values)
+    spec = ExportSpec(source, "jsonl", ExportFilters(), Snapshot.now())
+    names = [c.name for c in spec.columns]
+    assert len(names) > 60
+    rows = [json.loads(line) for line in b"".join(stream_export(spec)).splitlines()]
+    assert len(rows) == 3 and all(list(row) == names for row in rows)
+    assert all(row[name] == value for row in rows for name, value in values.items())
+    assert list(_read("csv", _export(source, "csv")).columns) == names
+    table = pq.read_table(io.BytesIO(_export(source, "parquet")))
+    assert table.schema.names == names and table.column("50% off").to_pylist() == ["%s %(x)s"] * 3
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_three_doors_give_the_same_bytes_for_the_same_filters(labeled_source, client, settings, tmp_path, fmt):
+    """The exports page (a job), the streamed API and the CLI, with filters, at the job's snapshot."""
+    from reviewapp.exports.models import ExportJob
+    from reviewapp.exports.services import export_job_run
+
+    settings.EXPORT_ROOT = tmp_path / "exports"
+    UserFactory(username="otto", role="analyst")
+    engineer = UserFactory(username="m5", role="ml_engineer")
+    client.force_login(engineer)
+    form = {"source": labeled_source.slug, "format": fmt, "origin": "review", "reviewer": "rita", "label": "legit"}
+    assert client.post("/exports/", form).status_code == 302
+    job = ExportJob.objects.get(source=labeled_source, file_format=fmt)
+    assert job.filters == {"origin": "review", "reviewer": "rita", "label": "legit"}
+    job = export_job_run(job_id=job.pk)  # what the worker runs (the live worker test covers the queue)
+    ui_bytes = Path(job.file_path).read_bytes()
+    expected = Label.objects.filter(source=labeled_source, origin="review", label="legit").count()
+    assert job.rows_written == job.manifest["row_count"] == expected > 0
+
+    snapshot = f"cutoff={job.cutoff.isoformat().replace('+', '%2B')}&max_label_id={job.max_label_id}"
+    api = api_client_for(engineer)
+    response = api.get(
+        f"/api/v1/sources/{labeled_source.slug}/labels/export/?format={fmt}&origin=review&reviewer=rita"
+        f"&label=legit&{snapshot}"
+    )
+    assert b"".join(response.streaming_content) == ui_bytes
+    out = tmp_path / f"cli.{fmt}"
+    call_command(
+        "export_labels", labeled_source.slug, "--format", fmt, "-o", str(out), "--origin", "review",
+        "--reviewer", "rita", "--label", "legit", "--cutoff", job.cutoff.isoformat(),
+        "--max-label-id", str(job.max_label_id),
+    )  # fmt: skip
+    assert out.read_bytes() == ui_bytes
+    assert len(_read(fmt, ui_bytes)) == expected
+
+
+def test_parquet_reports_rows_as_it_goes(labeled_source):
+    """Parquet has no lines to count: the writer reports each batch's rows, which drive the job's progress."""
+    seen: list[int] = []
+    spec = ExportSpec(labeled_source, "parquet", ExportFilters(), Snapshot.now())
+    data = b"".join(stream_export(spec, on_rows=seen.append))
+    assert sum(seen) == pq.read_table(io.BytesIO(data)).num_rows == 40

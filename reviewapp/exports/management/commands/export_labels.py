@@ -44,16 +44,27 @@ class Command(BaseCommand):
         if source is None:
             raise CommandError(f"unknown source {opts['source']!r}")
         filters = ExportFilters(
-            since=self._time(opts, "since"), until=self._time(opts, "until"), label=opts["label"],
-            origin=opts["origin"], reviewer=opts["reviewer"], model_version=opts["model_version"],
-            qa_only=opts["qa_only"], agreed_only=opts["agreed_only"],
+            since=self._time(opts, "since"),
+            until=self._time(opts, "until"),
+            label=opts["label"],
+            origin=opts["origin"],
+            reviewer=opts["reviewer"],
+            model_version=opts["model_version"],
+            qa_only=opts["qa_only"],
+            agreed_only=opts["agreed_only"],
         )
         snapshot = None
         if opts["cutoff"]:
             snapshot = Snapshot(self._time(opts, "cutoff"), opts["max_label_id"] or Snapshot.now().max_label_id, None)
         try:
-            spec, stream = labels_export_stream(actor=None, source=source, fmt=opts["format"], filters=filters,
-                                                snapshot=snapshot, include_raw=opts["include_raw"])
+            spec, stream = labels_export_stream(
+                actor=None,
+                source=source,
+                fmt=opts["format"],
+                filters=filters,
+                snapshot=snapshot,
+                include_raw=opts["include_raw"],
+            )
         except DomainError as exc:
             raise CommandError("; ".join([exc.detail, *(f"{e['field']}: {e['message']}" for e in exc.errors)])) from exc
         total = count_rows(spec)
