@@ -39,8 +39,11 @@ test: install chromium
 	REVIEWAPP_ENV=test $(BIN)/python -m pytest
 
 # Fault injection and concurrency at full size (10,000-item batch), then the figures into docs/reliability.md.
+# Full sizes (CHAOS_FULL=1): 10,000-item batch, 3 PostgreSQL restarts, 25 schemathesis examples per operation.
+# The figures are rendered into docs/reliability.md at the end (tests/security records some after the folder).
 chaos: install
-	REVIEWAPP_ENV=test CHAOS_FULL=1 UPDATE_RELIABILITY_DOC=1 $(BIN)/python -m pytest -p no:cacheprovider tests/reliability tests/security
+	REVIEWAPP_ENV=test CHAOS_FULL=1 SCHEMATHESIS_MAX_EXAMPLES=25 UPDATE_RELIABILITY_DOC=1 $(BIN)/python -m pytest -p no:cacheprovider tests/reliability tests/security
+	$(BIN)/python tests/reliability/render.py
 
 bench: install
 	@echo "see docs/benchmarks.md for each script and its arguments"

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -257,7 +258,12 @@ def action_runs_create_for_decisions(*, decisions: Sequence[Decision]) -> list[A
     decisions = [d for d in decisions if d.pk is not None and d.origin != Decision.Origin.IMPORT]
     if not decisions:
         return []
-    source_of = dict(Item.objects.filter(pk__in={d.item_id for d in decisions}).values_list("pk", "source_id"))
+    # The review services create decisions with their item loaded: read its source from there, and only
+    # ask the database for the others (one query for a bulk auto-decision, none for a verdict).
+    source_of = {d.item_id: d.item.source_id for d in decisions if Decision.item.is_cached(d)}
+    missing = {d.item_id for d in decisions} - source_of.keys()
+    if missing:
+        source_of.update(Item.objects.filter(pk__in=missing).values_list("pk", "source_id"))
     configs: dict[int, list[ActionConfig]] = {}
     for config in ActionConfig.objects.filter(
         source_id__in=set(source_of.values()), enabled=True, compensation_only=False
@@ -348,6 +354,91 @@ def action_runs_create_compensation(*, old_decision: Decision, new_decision: Dec
             )
         _enqueue_on_commit([r.pk for r in created if r.state == State.PENDING])
     return created
+
+
+@dataclass(frozen=True)
+class RunsWithdrawal:
+    """What withdrawing a decision did to its action runs (each entry: run, action, kind, state)."""
+
+    # Had not acted (pending, waiting for approval, failed or dead): cancelled, they will never be sent.
+    cancelled: list[dict[str, Any]] = field(default_factory=list)
+    # Acted already: cannot be withdrawn. ``compensation`` names the compensating run queued, if the
+    # action has a compensating action; otherwise the effect stays and someone must undo it by hand.
+    delivered: list[dict[str, Any]] = field(default_factory=list)
+    # Being sent at this moment: if the receiver acts, a compensation is queued when that is recorded.
+    in_flight: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cancelled": self.cancelled, "delivered": self.delivered, "in_flight": self.in_flight}
+
+    def summary(self) -> str:
+        """One sentence for the person who undid the decision ("" when it had no actions)."""
+        parts = []
+        if self.cancelled:
+            names = ", ".join(sorted({r["action"] for r in self.cancelled}))
+            parts.append(f"{len(self.cancelled)} action{'s' if len(self.cancelled) != 1 else ''} not yet sent "
+                         f"withdrawn ({names})")
+        for run in self.delivered:
+            then = (f"compensation {run['compensation_action']!r} queued" if run["compensation"]
+                    else "no compensating action is configured")
+            parts.append(f"{run['action']!r} was already delivered and cannot be withdrawn ({then})")
+        for run in self.in_flight:
+            parts.append(f"{run['action']!r} is being sent right now and cannot be withdrawn (compensated if it "
+                         "lands, when a compensating action is configured)")
+        return "; ".join(parts) + "." if parts else ""
+
+
+def action_runs_withdraw(*, decision: Decision, restored: Decision | None, actor: Any, reason: str
+                         ) -> RunsWithdrawal:
+    """The decision was withdrawn (an undo), ``restored`` (if any) is current again: cancel every run of
+    ``decision`` that has not acted, and for delivered ones, which cannot be withdrawn, queue their
+    compensating action (on the restored decision, or on the withdrawn one when none is restored).
+    Call it in the transaction that withdraws the decision; one audit event lists every run."""
+    now = timezone.now()
+    out = RunsWithdrawal()
+    with transaction.atomic():
+        # The row lock makes a delivery claim that races us wait and then find the run rejected.
+        runs = list(
+            ActionRun.objects.select_for_update(of=("self",)).filter(decision=decision)
+            .select_related("config__compensating_config").order_by("id")
+        )
+        cancelled = []
+        delivered = []
+        for run in runs:
+            entry = {"run": run.pk, "action": run.config.name, "kind": run.config.kind, "state": run.state,
+                     "is_compensation": run.is_compensation}
+            if run.state in (State.PENDING, State.PENDING_APPROVAL, State.FAILED, State.DEAD):
+                run.state = State.REJECTED
+                run.rejection_reason = reason[:500]
+                run.rejected_at = now
+                run.next_attempt_at = None
+                run.state_changed_at = now
+                cancelled.append(run)
+                out.cancelled.append(entry)
+            elif run.state == State.DELIVERED:
+                delivered.append(run)
+                out.delivered.append({**entry, "delivered_at": run.delivered_at.isoformat() if run.delivered_at
+                                      else None, "compensation": None, "compensation_action": None})
+            elif run.state == State.DELIVERING:
+                out.in_flight.append(entry)
+        if cancelled:
+            ActionRun.objects.bulk_update(
+                cancelled, ["state", "rejection_reason", "rejected_at", "next_attempt_at", "state_changed_at"]
+            )
+        created = _compensations(runs=delivered, decision=restored or decision, now=now)
+        by_run = {c.compensates_id: c for c in created}
+        for entry in out.delivered:
+            comp = by_run.get(entry["run"])
+            if comp is not None:
+                entry["compensation"], entry["compensation_action"] = comp.pk, comp.config.name
+        if runs:
+            audit_record(
+                actor=actor, verb="action_runs.withdrawn", object_type="decision", object_id=decision.pk,
+                after={"reason": reason[:500], "restored_decision": restored.pk if restored else None,
+                       **out.as_dict()},
+            )
+        _enqueue_on_commit([c.pk for c in created if c.state == State.PENDING])
+    return out
 
 
 # --- Approvals and replays -----------------------------------------------------------------------------
@@ -475,7 +566,9 @@ def action_run_deliver(*, run_id: int, queue: str | None = None) -> str:
             return "early"
         return f"skipped:{row['state']}"
     run = selectors.run_for_delivery(run_id=run_id)
-    if not run.decision.is_current:
+    # A compensation repairs what an earlier run did, so it goes out even when its decision is no longer
+    # current (an undo that restored nothing leaves it on the withdrawn decision).
+    if not run.decision.is_current and not run.is_compensation:
         return _record(run_id=run_id, attempt=run.attempts, queue=queue, result=DeliveryResult(
             Outcome.FAIL, None, "decision overridden before delivery; not sent"), cancel=True)
     if not run.config.enabled:
@@ -542,7 +635,9 @@ def _record(*, run_id: int, attempt: int, queue: str | None, result: DeliveryRes
         entries = [AuditEntry(verb, "action_run", run.pk, before, _audit_run(run), run.idempotency_key)]
         if run.state == State.DELIVERED and not run.is_compensation and not run.decision.is_current:
             # Delivered after its decision was overridden: compensate against the decision in force.
-            current = Decision.objects.filter(item_id=run.decision.item_id, is_current=True).first()
+            # None current (an undo put the item back in review): the compensation goes on the run's own
+            # decision, as action_runs_withdraw does.
+            current = Decision.objects.filter(item_id=run.decision.item_id, is_current=True).first() or run.decision
             if current is not None:
                 created = _compensations(runs=[run], decision=current, now=now)
                 for comp in created:

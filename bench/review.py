@@ -10,8 +10,11 @@ start (this run's claims, verdicts, decisions and labels are removed; the tasks 
 Measured, each as p50/p95 in milliseconds:
 - claim-next (``task_claim_next``) with 1 and with 16 concurrent reviewers (threads, each its own
   database connection and user), beside the same run's bare SQL claim (one transaction: SELECT ... ORDER BY
-  priority LIMIT 1 FOR UPDATE SKIP LOCKED, UPDATE, COMMIT) as a ratio, and beside claim-next with the audit
-  write stubbed out (what the global audit lock costs);
+  priority LIMIT 1 FOR UPDATE SKIP LOCKED, UPDATE, COMMIT) as a ratio, beside claim-next with the audit
+  write stubbed out (what the audit write costs), and at 16 reviewers beside claim-next with the trail in one
+  chain (``AUDIT_CHAINS=1``: one global lock, as before the trail was partitioned); the 16-reviewer claims
+  run twice: in 16 threads of this process (they share the GIL) and in 16 forked processes (as gunicorn
+  workers would), each beside the bare claim run the same way;
 - server time of the item view (the work page showing a held item; the read-only item page), Django's test
   client in-process, so the figure is the whole request through middleware and templates, without a socket;
 - server time of verdict + next item (the htmx POST that records the verdict and renders the next item);
@@ -157,9 +160,56 @@ def finish_task(task_id: int) -> None:
         cursor.execute("UPDATE review_reviewtask SET state = 'done', completed_at = now() WHERE id = %s", [task_id])
 
 
+# Threads share one interpreter (and its GIL): at 16 reviewers on 2 cores every claim's Python waits for
+# the others'. Gunicorn serves requests from separate processes, so the same scenario also runs with one
+# forked process per reviewer (``PROCESSES["on"]``).
+PROCESSES = {"on": False}
+
+
+def run_processes(n: int, per_thread: int, work: Callable[[int], float]) -> list[float]:
+    """``work(i)`` in n forked processes, each with its own connection; timings come back on a queue."""
+    import multiprocessing
+
+    from django.db import connections
+
+    ctx = multiprocessing.get_context("fork")
+    connections.close_all()  # a child must never share the parent's socket
+    barrier = ctx.Barrier(n)
+    results = ctx.Queue()
+
+    def body(i: int) -> None:
+        try:
+            barrier.wait()
+            results.put(("ok", [work(i) for _ in range(per_thread)]))
+        except BaseException as exc:  # reported by the parent
+            results.put(("error", repr(exc)))
+        finally:
+            connections.close_all()
+
+    procs = [ctx.Process(target=body, args=(i,)) for i in range(n)]
+    for p in procs:
+        p.start()
+    timings: list[float] = []
+    errors = []
+    for _ in procs:
+        status, value = results.get(timeout=600)
+        if status == "ok":
+            timings.extend(value)
+        else:
+            errors.append(value)
+    for p in procs:
+        p.join()
+    if errors:
+        raise RuntimeError(errors[0])
+    return timings
+
+
 def run_threads(n: int, per_thread: int, work: Callable[[int], float]) -> list[float]:
     """``work(i)`` returns one timing in seconds; n threads, each with its own connection."""
     from django.db import connections
+
+    if PROCESSES["on"]:
+        return run_processes(n, per_thread, work)
 
     timings: list[float] = []
     lock = threading.Lock()
@@ -187,13 +237,20 @@ def run_threads(n: int, per_thread: int, work: Callable[[int], float]) -> list[f
     return timings
 
 
-def bench_claims(source: Any, users: list[Any], n_threads: int, per_thread: int, *, audit: bool = True
-                 ) -> list[float]:
+def bench_claims(source: Any, users: list[Any], n_threads: int, per_thread: int, *, audit: bool = True,
+                 chains: int | None = None) -> list[float]:
+    """``audit=False`` stubs the audit write out; ``chains=1`` writes every event to one chain, which is
+    what the trail did before it was partitioned (one global lock held to commit)."""
+    from django.conf import settings
+
     from reviewapp.review import services
 
     original = services.audit_record
+    original_chains = getattr(settings, "AUDIT_CHAINS", None)
     if not audit:
         services.audit_record = lambda **kw: None  # type: ignore[assignment]
+    if chains is not None:
+        settings.AUDIT_CHAINS = chains
     try:
         def one(i: int) -> float:
             start = time.perf_counter()
@@ -206,6 +263,11 @@ def bench_claims(source: Any, users: list[Any], n_threads: int, per_thread: int,
         return run_threads(n_threads, per_thread, one)
     finally:
         services.audit_record = original
+        if chains is not None:
+            if original_chains is None:
+                del settings.AUDIT_CHAINS
+            else:
+                settings.AUDIT_CHAINS = original_chains
 
 
 def bench_bare(source: Any, users: list[Any], n_threads: int, per_thread: int) -> list[float]:
@@ -309,6 +371,20 @@ def main() -> None:
             figures[f"claim-next, {label}"] = (summary(ours), bare, len(ours))
             no_audit = bench_claims(source, users, n, per, audit=False)
             figures[f"claim-next without the audit write, {label}"] = (summary(no_audit), bare, len(no_audit))
+            if n > 1:
+                one_chain = bench_claims(source, users, n, per, chains=1)
+                figures[f"claim-next, one audit chain (before), {label}"] = (summary(one_chain), bare,
+                                                                            len(one_chain))
+                PROCESSES["on"] = True
+                try:
+                    bare_p = summary(bench_bare(source, users, n, per))
+                    ours_p = bench_claims(source, users, n, per)
+                    figures[f"claim-next, {label}, processes"] = (summary(ours_p), bare_p, len(ours_p))
+                    one_p = bench_claims(source, users, n, per, chains=1)
+                    figures[f"claim-next, one audit chain (before), {label}, processes"] = (
+                        summary(one_p), bare_p, len(one_p))
+                finally:
+                    PROCESSES["on"] = False
         views = bench_views(source, users[THREADS], args.views)
         floor = summary(views["lease renewal (minimal authed request)"])
         for key, values in views.items():
@@ -320,7 +396,7 @@ def main() -> None:
     def med(values: list[float]) -> float:
         return statistics.median(values) * 1000
 
-    print(f"\n{'measure':<48} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'base p50':>9} {'base p95':>9} {'p95 ratio':>9}")
+    print(f"\n{'measure':<56} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'base p50':>9} {'base p95':>9} {'p95 ratio':>9}")
     for name in runs[0]:
         p50 = med([r[name][0][0] for r in runs])
         p95 = med([r[name][0][1] for r in runs])
@@ -329,9 +405,9 @@ def main() -> None:
             b50 = med([r[name][1][0] for r in runs])  # type: ignore[index]
             b95 = med([r[name][1][1] for r in runs])  # type: ignore[index]
             ratio = statistics.median([r[name][0][1] / r[name][1][1] for r in runs])  # type: ignore[index]
-            print(f"{name:<48} {n:>5} {p50:>8.2f} {p95:>8.2f} {b50:>9.2f} {b95:>9.2f} {ratio:>9.1f}")
+            print(f"{name:<56} {n:>5} {p50:>8.2f} {p95:>8.2f} {b50:>9.2f} {b95:>9.2f} {ratio:>9.1f}")
         else:
-            print(f"{name:<48} {n:>5} {p50:>8.2f} {p95:>8.2f}")
+            print(f"{name:<56} {n:>5} {p50:>8.2f} {p95:>8.2f}")
     print(f"\nmedian of {args.runs} run(s); claim baseline: the bare SQL claim; view baseline: the lease renewal")
 
 

@@ -103,6 +103,7 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "reviewapp.core.middleware.ContentSecurityPolicyMiddleware",
+    "reviewapp.core.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "reviewapp.urls"
@@ -294,6 +295,8 @@ CELERY_BEAT_SCHEDULE = {
 # --- Domain knobs ----------------------------------------------------------------------------
 CLAIM_LEASE_SECONDS = env_int("CLAIM_LEASE_SECONDS", 600)
 REVIEW_UNDO_SECONDS = env_int("REVIEW_UNDO_SECONDS", 300)
+# Independent hash chains of the audit trail: up to this many transactions write audit events at once.
+AUDIT_CHAINS = env_int("AUDIT_CHAINS", 32)
 SCORING_CHUNK_SIZE = env_int("SCORING_CHUNK_SIZE", 2000)
 RECONCILE_STUCK_SECONDS = env_int("RECONCILE_STUCK_SECONDS", 120)
 MAX_TASK_ATTEMPTS = env_int("MAX_TASK_ATTEMPTS", 5)

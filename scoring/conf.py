@@ -14,6 +14,10 @@ DEFAULTS: dict[str, Any] = {
     # Selective risk control stored with every model version (a target-error policy reads it).
     "RISK_CONTROL_DEFAULT_TARGET_ERROR": 0.02,
     "RISK_CONTROL_DEFAULT_CONFIDENCE": 0.95,
+    # Cross-fitting where labels are few: up to this many labels, every label is scored out of fold by K models
+    # (each trained without its block) and all of them back the thresholds; above it, the newest 20% does.
+    "RISK_CONTROL_CROSSFIT_FOLDS": 5,
+    "RISK_CONTROL_CROSSFIT_MAX_LABELS": 20_000,
     # Automatic promotion: the candidate's macro-F1 must reach the champion's plus this margin, on the same
     # held-out labels, and its ECE may exceed the champion's by at most this much (0: no worse).
     "PROMOTION_MIN_MACRO_F1_GAIN": 0.0,

@@ -176,8 +176,12 @@ def frame_from_payloads(payloads: list[dict[str, Any]], spec: dict[str, Any]) ->
         out[name] = np.array([_to_bool_float(v) for v in column(name)], dtype=np.float64)
     for name in spec["text"]:
         out[name] = np.array(_strings(column(name)), dtype=object)
-    frame = pd.DataFrame(out, index=range(len(records)), columns=list(out))
-    return frame[spec_columns(spec)]
+    columns = spec_columns(spec)
+    # No ``columns=``: with it pandas routes the dict through an object Series first. The columns were built in
+    # spec order, so selecting them again would only copy the frame (a third of the cost of a single item); a
+    # spec whose names collide still goes through the selection.
+    frame = pd.DataFrame(out, index=pd.RangeIndex(len(records)))
+    return frame if list(frame.columns) == columns else frame[columns]
 
 
 def _tabular_transformers(spec: dict[str, Any], *, dense: bool) -> list[tuple[str, Any, Any]]:
@@ -272,10 +276,128 @@ def transform(preprocessor: ColumnTransformer, frame: pd.DataFrame) -> Any:
             if transformer == "drop":
                 continue
             return preprocessor.transform(frame)  # "passthrough": not a layout we build
-        parts.append(transformer.transform(frame[columns]))
+        fast = _fast_part(transformer, frame, columns)
+        parts.append(transformer.transform(frame[columns]) if fast is None else fast)
     if preprocessor.sparse_output_:
+        if all(sparse.issparse(X) or isinstance(X, np.ndarray) for X in parts):
+            # Canonical CSR blocks let scipy stack along columns row by row instead of through COO and a sort; the
+            # result is the same canonical CSR (dense blocks keep their nonzeros, as the COO route does).
+            blocks = [X.tocsr() if sparse.issparse(X) else sparse.csr_matrix(X) for X in parts]
+            if all(b.has_canonical_format for b in blocks):
+                return sparse.hstack(blocks, format="csr")
         return sparse.hstack([check_array(X, accept_sparse=True, ensure_all_finite=False) for X in parts]).tocsr()
     return np.hstack([X.toarray() if sparse.issparse(X) else np.asarray(X) for X in parts])
+
+
+def _column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """One column's values (read-only use). ``frame[name]`` builds a Series (~50 us, several per item); pandas'
+    own column accessor returns the array itself."""
+    getter = getattr(frame, "_get_column_array", None)
+    if getter is not None and frame.columns.is_unique:
+        return getter(frame.columns.get_loc(name))
+    return frame[name].to_numpy()
+
+
+def _float_block(frame: pd.DataFrame, columns: list[str]) -> np.ndarray | None:
+    """The columns as one float64 array (a copy, safe to modify), or None when a column is not float64."""
+    arrays = [_column(frame, c) for c in columns]
+    if any(a.dtype != np.float64 for a in arrays):
+        return None
+    return np.column_stack(arrays)
+
+
+def _impute(imputer: SimpleImputer, X: np.ndarray) -> np.ndarray | None:
+    """``SimpleImputer.transform`` for NaN-missing float input without indicator or dropped columns; else None."""
+    missing = imputer.missing_values
+    stats = getattr(imputer, "statistics_", None)
+    if (type(imputer) is not SimpleImputer or imputer.add_indicator or stats is None
+            or not (isinstance(missing, float) and missing != missing)
+            or getattr(imputer, "_fill_dtype", None) != np.float64 or X.shape[1] != stats.shape[0]):
+        return None
+    stats = stats.astype(np.float64)  # as scikit-learn does (a constant fill is stored as objects)
+    if not imputer.keep_empty_features and np.isnan(stats).any():
+        return None  # scikit-learn would drop those columns
+    mask = np.isnan(X)
+    if np.isinf(X).any():
+        return None  # scikit-learn refuses infinities (frame_from_payloads never makes them)
+    if mask.any():
+        X[mask] = np.broadcast_to(stats, X.shape)[mask]
+    return X
+
+
+def _scale(scaler: StandardScaler, X: np.ndarray) -> np.ndarray | None:
+    """``StandardScaler.transform`` on a dense float64 array: the same in-place operations in the same order."""
+    if type(scaler) is not StandardScaler or X.shape[1] != getattr(scaler, "n_features_in_", -1):
+        return None
+    if scaler.with_mean:
+        X -= scaler.mean_
+    if scaler.with_std:
+        X /= scaler.scale_
+    return X
+
+
+def _one_hot(encoder: OneHotEncoder, frame: pd.DataFrame, columns: list[str]) -> Any:
+    """``OneHotEncoder.transform`` for string columns with unknown values ignored (no drop, no infrequent
+    categories): the same CSR built the same way (or its dense equivalent), without the per-call validation."""
+    cats = getattr(encoder, "categories_", None)
+    if (type(encoder) is not OneHotEncoder or cats is None or encoder.drop is not None
+            or getattr(encoder, "_infrequent_enabled", True)
+            or encoder.handle_unknown not in ("ignore", "infrequent_if_exist") or len(cats) != len(columns)
+            or any(c.dtype != object for c in cats)):
+        return None
+    n = len(frame)
+    X_int = np.zeros((n, len(columns)), dtype=int)
+    X_mask = np.ones((n, len(columns)), dtype=bool)
+    for j, (column, categories) in enumerate(zip(columns, cats, strict=True)):
+        values = _column(frame, column).tolist()
+        if any(type(v) is not str for v in values):
+            return None
+        position = {c: k for k, c in enumerate(categories.tolist())}
+        for i, value in enumerate(values):
+            k = position.get(value)
+            if k is None:
+                X_mask[i, j] = False
+            else:
+                X_int[i, j] = k
+    feature_indices = np.cumsum([0] + [len(c) for c in cats])
+    if not encoder.sparse_output:
+        # What ``toarray()`` of the CSR below gives: a one per known value, zeros elsewhere.
+        dense = np.zeros((n, int(feature_indices[-1])), dtype=encoder.dtype)
+        rows, cols = np.nonzero(X_mask)
+        dense[rows, (X_int + feature_indices[:-1])[rows, cols]] = 1
+        return dense
+    mask = X_mask.ravel()
+    indices = (X_int + feature_indices[:-1]).ravel()[mask]
+    indptr = np.empty(n + 1, dtype=int)
+    indptr[0] = 0
+    np.sum(X_mask, axis=1, out=indptr[1:], dtype=indptr.dtype)
+    np.cumsum(indptr[1:], out=indptr[1:])
+    return sparse.csr_matrix((np.ones(indptr[-1]), indices, indptr), shape=(n, feature_indices[-1]),
+                             dtype=encoder.dtype)
+
+
+def _fast_part(transformer: Any, frame: pd.DataFrame, columns: Any) -> Any:
+    """The output of ``transformer.transform(frame[columns])`` for the fitted transformers this module builds,
+    computed from their fitted attributes with the same NumPy operations (so the same floats), or None to go
+    through scikit-learn. Per call, scikit-learn's input validation (``check_array``, feature-name checks,
+    pandas column selection) costs ten times the arithmetic on a single row; single-item scoring paid it."""
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns) or not columns:
+        return None
+    if any(c not in frame.columns for c in columns):
+        return None
+    if type(transformer) is OneHotEncoder:
+        return _one_hot(transformer, frame, columns)
+    steps = ([s for _, s in transformer.steps] if type(transformer) is Pipeline
+             else [transformer] if type(transformer) is SimpleImputer else None)
+    if not steps or type(steps[0]) is not SimpleImputer or len(steps) > 2:
+        return None
+    X = _float_block(frame, columns)
+    if X is None:
+        return None
+    X = _impute(steps[0], X)
+    if X is not None and len(steps) == 2:
+        X = _scale(steps[1], X)
+    return X
 
 
 def slim(preprocessor: ColumnTransformer) -> ColumnTransformer:

@@ -44,6 +44,18 @@ Assumptions
 * The guarantee is over the draw of the held-out set: in at most a ``delta`` fraction of such draws may the true
   error exceed ``target_error``; it says nothing about a single small batch of future items.
 
+Where the held-out items come from
+----------------------------------
+Either the newest 20% of the labels, which the shipped model never saw (``training.heldout_evidence``), or, where
+labels are few, every label scored out of fold (``training.crossfit_evidence``: K contiguous time blocks, each
+scored by a model trained the same way on the other blocks). Cross-fitting makes K times more evidence (a rare
+label that had ~100 held-out items gets ~500) at the price of two further assumptions, stored with the evidence:
+the shipped model, trained by the same procedure on all labels, errs at any threshold no more often than the fold
+models trained on (K-1)/K of them; and the pooled out-of-fold errors are treated as independent draws (the fold
+models share training rows, so they are exchangeable rather than strictly independent). The bound then holds for
+the training procedure rather than exactly for the one fitted model. ``scoring.services`` picks the source and
+records which labels were used (count, id range, hash), the folds and the assumption with the model version.
+
 A label for which no threshold is supported gets no threshold (nothing with that top label is auto-decided), and the
 evidence says why. Note that a singleton conformal set is *not* such a promise: conformal sets bound coverage,
 not the error among items decided alone.
@@ -150,7 +162,8 @@ def _scan(conf: np.ndarray, wrong: np.ndarray, grid: np.ndarray, *, target_error
     """Fixed-sequence test over ``grid`` (descending) for one group of items."""
     n_heldout = int(conf.size)
     # Smallest n at which zero errors pass: (1 - eps) ** n <= delta. Label-free, so skipping below it is free.
-    n_floor = max(min_auto, math.ceil(math.log(delta) / math.log1p(-target_error)))
+    # Capped: a subnormal target_error makes the quotient infinite and ceil() would raise (found by schemathesis).
+    n_floor = max(min_auto, math.ceil(min(math.log(delta) / math.log1p(-target_error), 1e15)))
     if n_heldout < n_floor:
         return LabelEvidence(None, n_heldout, 0, 0, None, 0,
                              reason=(f"only {n_heldout} held-out labels; at least {n_floor} are needed "

@@ -5,9 +5,14 @@ transient database errors are retried; everything else is recorded on the rows b
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from celery import Task, shared_task
+from celery.signals import worker_process_init
+from django.conf import settings
+from django.db import connection
 
 from scoring.services import (
     TRANSIENT_DB_ERRORS,
@@ -15,9 +20,29 @@ from scoring.services import (
     model_train_version,
     model_version_mark_failed,
     models_check_retraining,
+    models_warm,
 )
 
 logger = logging.getLogger(__name__)
+
+
+@worker_process_init.connect
+def _warm_on_start(**_: Any) -> None:
+    """Warm each new worker process in the background: imports and champion models load before work arrives.
+    A thread, because worker_process_init must return within a few seconds; SCORING_WARM_ON_START=False skips it."""
+    if getattr(settings, "SCORING_WARM_ON_START", True):
+        threading.Thread(target=_warm, name="scoring-warm-up", daemon=True).start()
+
+
+def _warm() -> None:
+    started = time.monotonic()
+    try:
+        loaded = models_warm()
+        logger.info("scoring warm-up done in %.1fs: model versions %s", time.monotonic() - started, loaded)
+    except Exception:  # a warm-up that fails costs latency only: the first task loads what it needs
+        logger.exception("scoring warm-up failed")
+    finally:
+        connection.close()  # this thread's own connection
 
 
 def _backoff(retries: int) -> int:

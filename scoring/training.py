@@ -247,6 +247,79 @@ def heldout_evidence(model: TrainedModel, labels: list[str], label_set: list[str
     }
 
 
+CROSSFIT_MIN_FOLDS = 2
+
+
+def crossfit_evidence(
+    frame: pd.DataFrame,
+    labels: list[str],
+    label_set: list[str],
+    spec: dict[str, Any],
+    *,
+    folds: int,
+    algorithm: str = "logreg",
+    seed: int = 0,
+    alpha: float = DEFAULT_ALPHA,
+    conformal_method: str = "lac",
+    min_labels: int = MIN_LABELS,
+    min_per_class: int = MIN_PER_CLASS,
+    threads: int | None = 1,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Out-of-fold evidence for selective risk control: every label gets a confidence from a model that never
+    saw it, so all labels (not only the newest fifth) can back the thresholds.
+
+    The labels (in time order) are cut into ``folds`` contiguous blocks; for each block the same ``train`` that
+    makes the shipped model (fit, calibration, conformal threshold) runs on the other blocks, and the block is
+    scored by that model. The pooled out-of-fold rows are returned in the shape of ``heldout_evidence`` plus
+    ``fold`` (the block of each row), with a record per fold. Contiguous blocks rather than a shuffle: a block's
+    model has not seen the block's stretch of time, so drift makes this evidence more pessimistic, not less.
+
+    The assumption this rests on (documented with the stored evidence): the shipped model, trained by the same
+    procedure on all the labels, errs at any confidence threshold no more often than the fold models, trained on
+    ``(folds - 1) / folds`` of them; and the pooled out-of-fold errors are treated as independent draws (they
+    are exchangeable, though the fold models share training rows). This is the usual cross-fitting trade:
+    every label counts as evidence at the price of a guarantee that holds for the procedure rather than exactly
+    for the one fitted model. Raises ValueError (with a reason for people) when a fold cannot be trained.
+    """
+    labels = [str(label) for label in labels]
+    n = len(labels)
+    if folds < CROSSFIT_MIN_FOLDS:
+        raise ValueError(f"cross-fitting needs at least {CROSSFIT_MIN_FOLDS} folds, not {folds}")
+    if len(frame) != n:
+        raise ValueError(f"{len(frame)} rows but {n} labels")
+    index = {label: k for k, label in enumerate(label_set)}
+    y = np.array([index[label] for label in labels], dtype=np.int64)
+    cuts = np.linspace(0, n, folds + 1).astype(int)
+    proba = np.zeros((n, len(label_set)))
+    fold_of = np.zeros(n, dtype=np.int16)
+    record: list[dict[str, Any]] = []
+    for k in range(folds):
+        lo, hi = int(cuts[k]), int(cuts[k + 1])
+        rest = np.r_[0:lo, hi:n]
+        try:
+            model = train(frame.iloc[rest].reset_index(drop=True), [labels[i] for i in rest], label_set, spec,
+                          algorithm=algorithm, seed=seed, alpha=alpha, conformal_method=conformal_method,
+                          min_labels=min_labels, min_per_class=min_per_class, threads=threads)
+        except ValueError as exc:
+            raise ValueError(f"fold {k + 1} of {folds} (rows {lo}-{hi - 1} held out) cannot be trained: {exc}") \
+                from exc
+        with limit_threads(1):
+            proba[lo:hi] = predict_proba_labels(model, frame.iloc[lo:hi].reset_index(drop=True), label_set)
+        fold_of[lo:hi] = k
+        top = proba[lo:hi].argmax(axis=1)
+        record.append({"fold": k + 1, "heldout_rows": [lo, hi - 1], "n_heldout": hi - lo, "n_trained": len(rest),
+                       "heldout_accuracy": round(float((top == y[lo:hi]).mean()), 4) if hi > lo else None})
+    top = proba.argmax(axis=1)
+    evidence = {
+        "confidence": proba.max(axis=1).astype(np.float64),
+        "top_label": top.astype(np.int16),
+        "correct": top == y,
+        "label_set": np.asarray([str(x) for x in label_set], dtype=str),
+        "fold": fold_of,
+    }
+    return evidence, {"folds": folds, "n": n, "per_fold": record}
+
+
 def evaluate_on(model: TrainedModel, frame: pd.DataFrame, labels: list[str], label_set: list[str]) -> dict[str, Any]:
     """Metrics of any trained model on given rows (e.g. the champion on a candidate's held-out part)."""
     with limit_threads(1):

@@ -1,26 +1,38 @@
 """Writing and verifying the audit trail.
 
-Events are chained in id order: hash = sha256(prev_hash + canonical JSON of the event). Writers take
-one lock for the rest of their transaction so that chain order equals commit order.
+The trail is ``AUDIT_CHAINS`` independent hash chains. Within a chain, events are chained in id order:
+hash = sha256(prev_hash + canonical JSON of the event), prev_hash being the hash of the chain's previous
+event (64 zeros for its first). A writer takes one chain's lock for the rest of its transaction, so
+that within a chain id order equals commit order; it takes whichever chain is free (on PostgreSQL,
+``core_audit_append`` tries them in turn, then hashes and inserts in the same round trip), so up to
+``AUDIT_CHAINS`` transactions write events at once instead of queueing on one global lock.
+
+Tamper evidence is unchanged per chain: an edited row fails its own hash, a removed or reordered row
+fails the next row's prev_hash, and a row moved to another chain breaks the links of the chain it left.
+As with one chain, removing a chain's newest rows leaves no break: the heads (``audit_chain_heads``) are
+what to anchor outside the database. Rows from before chains existed are chain 0, which continues.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
 from reviewapp.core.models import AuditEvent
 
 GENESIS_HASH = "0" * 64
-# Arbitrary constant naming the advisory lock that serialises audit writers on PostgreSQL.
-_AUDIT_LOCK_KEY = 7_311_202_601
+# Arbitrary constant: the namespace (first key) of the chains' advisory locks on PostgreSQL.
+_AUDIT_LOCK_NS = 731_120_260
+DEFAULT_CHAINS = 32
 
 
 def _normalise(value: Any) -> Any:
@@ -32,9 +44,8 @@ def _canonical(data: dict[str, Any]) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
 
 
-def event_digest(
+def event_body(
     *,
-    prev_hash: str,
     created_at: datetime,
     actor_id: int | None,
     actor_label: str,
@@ -45,7 +56,8 @@ def event_digest(
     after: Any,
     correlation_id: str,
 ) -> str:
-    body = _canonical(
+    """The canonical JSON an event's hash covers (after its chain's previous hash)."""
+    return _canonical(
         {
             "created_at": created_at.astimezone(UTC).isoformat(timespec="microseconds"),
             "actor_id": actor_id,
@@ -58,7 +70,11 @@ def event_digest(
             "correlation_id": correlation_id,
         }
     )
-    return hashlib.sha256((prev_hash + body).encode()).hexdigest()
+
+
+def event_digest(*, prev_hash: str, **fields: Any) -> str:
+    """sha256(prev_hash + body), hex; PostgreSQL's core_audit_append computes the same."""
+    return hashlib.sha256((prev_hash + event_body(**fields)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -71,13 +87,16 @@ class AuditEntry:
     correlation_id: str = ""
 
 
-def _lock_chain() -> str:
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_AUDIT_LOCK_KEY])
-    # On SQLite the IMMEDIATE transaction already holds the database's single write lock.
-    last = AuditEvent.objects.order_by("-id").values_list("hash", flat=True).first()
-    return last or GENESIS_HASH
+def chain_count() -> int:
+    """How many chains writers spread over (``AUDIT_CHAINS``). Changing it is safe: verification reads
+    the chains present in the table, and chains beyond a lowered count simply stop growing."""
+    return max(1, min(1000, int(getattr(settings, "AUDIT_CHAINS", DEFAULT_CHAINS))))
+
+
+def _lock_chain() -> tuple[int, str]:
+    """SQLite: the IMMEDIATE transaction already holds the database's single write lock; one chain."""
+    last = AuditEvent.objects.filter(chain=0).order_by("-id").values_list("hash", flat=True).first()
+    return 0, last or GENESIS_HASH
 
 
 def audit_record_many(*, actor: Any | None, entries: Iterable[AuditEntry]) -> list[AuditEvent]:
@@ -85,25 +104,13 @@ def audit_record_many(*, actor: Any | None, entries: Iterable[AuditEntry]) -> li
     (or rolls back) with the change it describes."""
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("audit events must be written inside the transaction of their change")
+    # On PostgreSQL a transaction keeps one chain's lock to its commit; others take other chains meanwhile.
     actor_id = getattr(actor, "pk", None)
     actor_label = getattr(actor, "get_username", lambda: "")() if actor is not None else "system"
-    prev = _lock_chain()
     now = timezone.now()
     rows = []
     for entry in entries:
         before, after = _normalise(entry.before), _normalise(entry.after)
-        digest = event_digest(
-            prev_hash=prev,
-            created_at=now,
-            actor_id=actor_id,
-            actor_label=actor_label,
-            verb=entry.verb,
-            object_type=entry.object_type,
-            object_id=str(entry.object_id),
-            before=before,
-            after=after,
-            correlation_id=entry.correlation_id,
-        )
         rows.append(
             AuditEvent(
                 created_at=now,
@@ -115,13 +122,69 @@ def audit_record_many(*, actor: Any | None, entries: Iterable[AuditEntry]) -> li
                 before=before,
                 after=after,
                 correlation_id=entry.correlation_id,
-                prev_hash=prev,
-                hash=digest,
             )
         )
-        prev = digest
-    # Ids must follow chain order: one INSERT keeps the order of the list.
+    if not rows:
+        return rows
+    if connection.vendor == "postgresql":
+        return _append_postgresql(rows)
+    chain, prev = _lock_chain()
+    for row in rows:
+        row.chain, row.prev_hash = chain, prev
+        row.hash = prev = hashlib.sha256((prev + _body(row)).encode()).hexdigest()
+    # Ids must follow chain order: one INSERT keeps the order of the list (and the chain lock, held to
+    # commit, keeps other writers of this chain after it).
     return AuditEvent.objects.bulk_create(rows, batch_size=1000)
+
+
+def _body(row: AuditEvent) -> str:
+    return event_body(
+        created_at=row.created_at,
+        actor_id=row.actor_id,
+        actor_label=row.actor_label,
+        verb=row.verb,
+        object_type=row.object_type,
+        object_id=row.object_id,
+        before=row.before,
+        after=row.after,
+        correlation_id=row.correlation_id,
+    )
+
+
+def _append_postgresql(rows: list[AuditEvent]) -> list[AuditEvent]:
+    """One round trip: core_audit_append takes a free chain, reads its head, hashes each body after the
+    previous hash and inserts the rows in order (ids follow chain order)."""
+    chains = chain_count()
+    preferred = getattr(connection, "_audit_chain", None)
+    if preferred is None:
+        preferred = random.randrange(chains)
+    payload = [
+        {
+            "created_at": row.created_at.isoformat(),
+            "actor_id": row.actor_id,
+            "actor_label": row.actor_label,
+            "verb": row.verb,
+            "object_type": row.object_type,
+            "object_id": row.object_id,
+            "before": row.before,
+            "after": row.after,
+            "correlation_id": row.correlation_id,
+            "body": _body(row),
+        }
+        for row in rows
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT event_id, chain_id, prev, digest FROM core_audit_append(%s, %s, %s, %s::jsonb)",
+            [_AUDIT_LOCK_NS, preferred % chains, chains, json.dumps(payload, default=str)],
+        )
+        written = cursor.fetchall()
+    for row, (pk, chain, prev, digest) in zip(rows, written, strict=True):
+        row.pk, row.chain, row.prev_hash, row.hash = pk, chain, prev, digest
+        row._state.adding = False
+        row._state.db = connection.alias
+    connection._audit_chain = rows[0].chain  # type: ignore[attr-defined]
+    return rows
 
 
 def audit_record(
@@ -145,24 +208,49 @@ class ChainBreak:
 
 
 def audit_verify(*, chunk_size: int = 5000) -> Iterator[ChainBreak]:
-    """Walk the chain in id order and yield every break (the first one is what matters)."""
+    """Walk every chain in id order and yield every break (the first one is what matters)."""
+    chain: int | None = None
     prev = GENESIS_HASH
-    for event in AuditEvent.objects.order_by("id").iterator(chunk_size=chunk_size):
+    for event in AuditEvent.objects.order_by("chain", "id").iterator(chunk_size=chunk_size):
+        if event.chain != chain:
+            chain, prev = event.chain, GENESIS_HASH
         if event.prev_hash != prev:
-            yield ChainBreak(event.pk, "prev_hash does not match the previous event (a row was removed "
-                                       "or reordered)")
-        expected = event_digest(
-            prev_hash=event.prev_hash,
-            created_at=event.created_at,
-            actor_id=event.actor_id,
-            actor_label=event.actor_label,
-            verb=event.verb,
-            object_type=event.object_type,
-            object_id=event.object_id,
-            before=event.before,
-            after=event.after,
-            correlation_id=event.correlation_id,
-        )
-        if expected != event.hash:
+            yield ChainBreak(event.pk, f"prev_hash does not match the previous event of chain {event.chain} "
+                                       "(a row was removed, reordered or moved between chains)")
+        if not event_matches(event):
             yield ChainBreak(event.pk, "content does not match its hash (the row was edited)")
         prev = event.hash
+
+
+_HEADS_SQL = """
+WITH RECURSIVE chains(c) AS (
+    SELECT 0 UNION ALL SELECT c + 1 FROM chains WHERE c < (SELECT max(chain) FROM core_auditevent)
+)
+SELECT e.chain, e.id, e.hash FROM chains
+JOIN core_auditevent AS e ON e.id = (SELECT max(id) FROM core_auditevent WHERE chain = chains.c)
+ORDER BY e.chain
+"""
+
+
+def audit_chain_heads() -> list[dict[str, Any]]:
+    """Each chain's newest event (id and hash): one statement, one index probe per chain."""
+    with connection.cursor() as cursor:
+        cursor.execute(_HEADS_SQL)
+        return [{"chain": chain, "id": pk, "hash": digest} for chain, pk, digest in cursor.fetchall()]
+
+
+def event_matches(event: AuditEvent) -> bool:
+    """Whether the event's content still hashes (with its prev_hash) to its stored hash."""
+    expected = event_digest(
+        prev_hash=event.prev_hash,
+        created_at=event.created_at,
+        actor_id=event.actor_id,
+        actor_label=event.actor_label,
+        verb=event.verb,
+        object_type=event.object_type,
+        object_id=event.object_id,
+        before=event.before,
+        after=event.after,
+        correlation_id=event.correlation_id,
+    )
+    return expected == event.hash

@@ -16,7 +16,7 @@ from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from actions.selectors import action_runs_for_decision
-from reviewapp.core.audit import GENESIS_HASH, event_digest
+from reviewapp.core.audit import GENESIS_HASH, audit_chain_heads, event_matches
 from reviewapp.core.errors import NotFound
 from reviewapp.core.models import AuditEvent
 from reviewapp.ingest.models import Item
@@ -26,7 +26,8 @@ from reviewapp.review.models import Decision, ReviewTask, Verdict
 HASH_ALGORITHM = (
     "hash = sha256(prev_hash + canonical JSON of {created_at (UTC ISO 8601, microseconds), actor_id, actor_label, "
     "verb, object_type, object_id, before, after, correlation_id}, keys sorted, separators ',' ':', UTF-8); "
-    f"the first event's prev_hash is {GENESIS_HASH[:8]}… (64 zeros)"
+    "the trail is several chains (each event's `chain`): prev_hash is the hash of the previous event (by id) "
+    f"of the same chain, and a chain's first event's prev_hash is {GENESIS_HASH[:8]}… (64 zeros)"
 )
 # Events that cover a range of items (one event per chunk): included when the item's id is in the range.
 RANGE_VERBS = ("items.scored", "items.routed", "items.routed_unscored", "items.scoring_failed")
@@ -98,6 +99,7 @@ def _event_row(e: AuditEvent, match: str) -> dict[str, Any]:
         "before": e.before,
         "after": e.after,
         "correlation_id": e.correlation_id,
+        "chain": e.chain,
         "prev_hash": e.prev_hash,
         "hash": e.hash,
         "included_because": match,
@@ -106,29 +108,27 @@ def _event_row(e: AuditEvent, match: str) -> dict[str, Any]:
 
 def verify_events(events: list[AuditEvent]) -> dict[str, Any]:
     """Re-check each event: its hash over its content, and its prev_hash against the hash of the row that
-    precedes it in the table (annotated as ``preceding_hash``). Same checks as ``audit_verify``, limited
-    to these events: an edited row fails the first; a deleted or reordered row fails the second."""
+    precedes it in its chain (annotated as ``preceding_hash``). Same checks as ``audit_verify``, limited
+    to these events: an edited row fails the first; a deleted, reordered or moved row fails the second."""
     breaks = []
     for e in events:
         expected_prev = getattr(e, "preceding_hash", None) or GENESIS_HASH
         if e.prev_hash != expected_prev:
-            breaks.append({"event_id": e.pk, "reason": "prev_hash does not match the preceding event (a row was "
-                                                       "removed or reordered)"})
-        digest = event_digest(
-            prev_hash=e.prev_hash, created_at=e.created_at, actor_id=e.actor_id, actor_label=e.actor_label,
-            verb=e.verb, object_type=e.object_type, object_id=e.object_id, before=e.before, after=e.after,
-            correlation_id=e.correlation_id,
-        )
-        if digest != e.hash:
+            breaks.append({"event_id": e.pk, "reason": f"prev_hash does not match the preceding event of chain "
+                                                       f"{e.chain} (a row was removed, reordered or moved)"})
+        if not event_matches(e):
             breaks.append({"event_id": e.pk, "reason": "content does not match its hash (the row was edited)"})
-    head = AuditEvent.objects.order_by("-id").values("id", "hash").first()
+    head = AuditEvent.objects.order_by("-id").values("id", "hash", "chain").first()
+    chains = {e.chain for e in events}
     return {
         "status": "ok" if not breaks else "broken",
         "events_checked": len(events),
         "breaks": breaks,
         "first_break": breaks[0]["event_id"] if breaks else None,
-        "hashes": [{"id": e.pk, "prev_hash": e.prev_hash, "hash": e.hash} for e in events],
+        "hashes": [{"id": e.pk, "chain": e.chain, "prev_hash": e.prev_hash, "hash": e.hash} for e in events],
         "chain_head": head,
+        # The newest event of each chain these events belong to: what to compare with an anchored copy.
+        "chain_heads": [h for h in audit_chain_heads() if h["chain"] in chains],
         "algorithm": HASH_ALGORITHM,
         "note": "Checks the events listed here; `manage.py verify_audit` checks the whole chain.",
         "checked_at": _iso(timezone.now()),
@@ -158,7 +158,8 @@ def _audit_events(*, item: Item, decisions: list[Decision], task_ids: list[int],
     where = Q()
     for _name, q in rules:
         where |= q
-    preceding = AuditEvent.objects.filter(id__lt=OuterRef("id")).order_by("-id").values("hash")[:1]
+    preceding = (AuditEvent.objects.filter(chain=OuterRef("chain"), id__lt=OuterRef("id")).order_by("-id")
+                 .values("hash")[:1])
     events = list(AuditEvent.objects.filter(where).annotate(preceding_hash=Subquery(preceding))
                   .order_by("id")[:MAX_EVENTS])
     out = []

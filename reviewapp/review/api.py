@@ -145,10 +145,14 @@ class VerdictUndoApi(APIView):
     def post(self, request: Request) -> Response:
         data = UndoInput(data=request.data)
         data.is_valid(raise_exception=True)
-        task = services.verdict_undo(user=request.user, verdict_id=data.validated_data.get("verdict"))
+        result = services.verdict_withdraw(user=request.user, verdict_id=data.validated_data.get("verdict"))
+        task = result.task
         item_state = Item.objects.values_list("state", flat=True).get(pk=task.item_id)
+        # ``actions``: runs cancelled, and delivered (or in-flight) ones that could not be withdrawn.
         return Response({"id": task.item_id, "status": item_state, "task_id": task.pk,
-                         "lease_expires_at": task.lease_expires_at})
+                         "lease_expires_at": task.lease_expires_at,
+                         "actions": result.actions.as_dict() if result.actions is not None else None,
+                         "actions_summary": result.actions_summary})
 
 
 class BulkVerdictApi(APIView):

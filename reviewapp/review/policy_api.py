@@ -100,7 +100,10 @@ class PolicySimulateApi(APIView):
         data = CandidateInput(data=request.data)
         data.is_valid(raise_exception=True)
         candidate = _merged(source, dict(data.validated_data))
-        return Response(_simulation_output(policy_simulate(source=source, candidate=candidate)))
+        sim = policy_simulate(source=source, candidate=candidate)
+        # What "re-route" would move if this candidate were applied now (counts of live items, not estimates).
+        preview = policy_selectors.reroute_preview_for(source=source, candidate=candidate, sim=sim)
+        return Response({**_simulation_output(sim), "reroute_preview": preview})
 
 
 def _version_row(row: policy_selectors.PolicyVersionRow) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from celery import current_app
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerError
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -19,11 +20,20 @@ from reviewapp.core.audit import audit_record
 from reviewapp.core.errors import NotFound, ValidationFailed
 from reviewapp.ingest.models import Item, Source
 from reviewapp.review.models import Decision, Policy, ReviewTask
-from reviewapp.review.policy_selectors import policy_diff, promise_checks_current
+from reviewapp.review.policy_selectors import (
+    auto_back_counts,
+    auto_region_q,
+    policy_diff,
+    promise_checks_current,
+    reversible_auto_items,
+)
 from reviewapp.review.policy_simulation import honest_evidence, thresholds_for_target
 from reviewapp.review.services import (
     QA_REASON,
+    RoutePlan,
     _next_rounds,
+    _pair_round,
+    _review_tasks,
     _task_priority,
     policy_as_dict,
     policy_create,
@@ -31,8 +41,9 @@ from reviewapp.review.services import (
     policy_thresholds,
     qa_draw,
     route_one,
+    route_plan_write,
 )
-from scoring.models import ModelVersion
+from scoring.models import ModelVersion, Prediction
 from scoring.selectors import champion_for
 
 logger = logging.getLogger(__name__)
@@ -173,7 +184,8 @@ def policy_reroute_start(*, source: Source, actor: Any) -> str:
 # --- Re-route (the task's body) --------------------------------------------------------------------------
 
 
-def _waiting_tasks(source_id: int) -> Any:
+def waiting_tasks(source_id: int) -> Any:
+    """Open, unclaimed review tasks of queued items: the items a re-route may auto-decide."""
     return ReviewTask.objects.filter(source_id=source_id, kind=ReviewTask.Kind.REVIEW, state=ReviewTask.State.OPEN,
                                      item__state=Item.State.QUEUED)
 
@@ -192,7 +204,7 @@ def _reroute_chunk(*, policy: Policy, after_task_id: int, chunk_size: int, run_i
     counts = {"examined": 0, "auto_decided": 0, "kept": 0, "qa_sampled": 0, "busy": 0}
     with transaction.atomic():
         tasks = list(
-            _waiting_tasks(policy.source_id).filter(id__gt=after_task_id).order_by("id")
+            waiting_tasks(policy.source_id).filter(id__gt=after_task_id).order_by("id")
             .select_for_update(skip_locked=True, of=("self",))[:chunk_size]
         )
         if not tasks:
@@ -301,11 +313,18 @@ def policy_reroute_waiting(*, policy_id: int, run_id: str, chunk_size: int = RER
         return {"status": "missing"}
     if _finished(run_id, policy_id):
         return {"status": "already_finished"}
-    totals = {"examined": 0, "auto_decided": 0, "kept": 0, "qa_sampled": 0, "busy": 0}
+    totals = {"examined": 0, "auto_decided": 0, "kept": 0, "qa_sampled": 0, "busy": 0, "to_review": 0,
+              "auto_kept": 0}
+    by_model = _thresholds_by_model(policy)
+    back_ids = _auto_back_candidates(policy, by_model)
     with transaction.atomic():
-        total = _waiting_tasks(policy.source_id).count()
+        total = waiting_tasks(policy.source_id).count()
+        acted_on = auto_back_counts(source_id=policy.source_id, thresholds_by_model=by_model)["auto_kept_acted_on"]
         audit_record(actor=None, verb="policy.reroute_started", object_type="policy", object_id=policy.pk,
-                     after={"version": policy.version, "total": total}, correlation_id=run_id)
+                     after={"version": policy.version, "total": total + len(back_ids), "waiting": total,
+                            "auto_to_review": len(back_ids), "auto_kept_acted_on": acted_on},
+                     correlation_id=run_id)
+    totals["auto_kept"] = acted_on
     status, reason = "done", ""
     cursor = 0
     while True:
@@ -319,6 +338,17 @@ def policy_reroute_waiting(*, policy_id: int, run_id: str, chunk_size: int = RER
             totals[k] += v
         if cursor == 0:
             break
+    # Then the reverse: auto-decisions that now fall in the review band and can still be taken back.
+    for start in range(0, len(back_ids) if status == "done" else 0, chunk_size):
+        current = policy_current(source=policy.source)
+        if current is None or current.pk != policy.pk:
+            status = "superseded"
+            reason = f"policy v{current.version if current else '?'} replaced v{policy.version} during the run"
+            break
+        counts = _reroute_auto_chunk(policy=policy, item_ids=back_ids[start:start + chunk_size],
+                                     thresholds_by_model=by_model, run_id=run_id)
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + v
     with transaction.atomic():
         audit_record(actor=None, verb="policy.reroute_finished", object_type="policy", object_id=policy.pk,
                      after={**totals, "status": status, "reason": reason, "version": policy.version},
@@ -333,6 +363,93 @@ def policy_reroute_mark_failed(*, policy_id: int, run_id: str, reason: str) -> N
     with transaction.atomic():
         audit_record(actor=None, verb="policy.reroute_failed", object_type="policy", object_id=policy_id,
                      after={"reason": reason[:1000]}, correlation_id=run_id)
+
+
+def _thresholds_by_model(policy: Policy) -> dict[int, dict[str, float] | None]:
+    """The policy's thresholds for each model version that scored an auto-decided item of its source."""
+    model_ids = set(Item.objects.filter(source_id=policy.source_id, state=Item.State.AUTO_DECIDED,
+                                        prediction__isnull=False)
+                    .values_list("prediction__model_version_id", flat=True).distinct())
+    versions = ModelVersion.objects.in_bulk(model_ids)
+    return {m: policy_thresholds(policy=policy, model_version=versions.get(m))[0] for m in model_ids}
+
+
+def _auto_back_candidates(policy: Policy, by_model: dict[int, dict[str, float] | None]) -> list[int]:
+    """Ids of auto-decided items outside the policy's auto region whose decision can still be taken back."""
+    return list(
+        reversible_auto_items(source_id=policy.source_id)
+        .exclude(auto_region_q(by_model, prefix="prediction__")).order_by("id").values_list("pk", flat=True)
+    )
+
+
+def _reroute_auto_chunk(*, policy: Policy, item_ids: list[int], thresholds_by_model: dict[int, dict[str, float] | None],
+                        run_id: str) -> dict[str, int]:
+    """One transaction: send a chunk of auto-decided items back to review under ``policy``. The items and the
+    action runs of their decisions are locked, then the rule (``reversible_auto_items``) is checked again under
+    the locks: a delivery that started meanwhile, or a reviewer who claimed the QA task, keeps the decision."""
+    from actions.models import ActionRun
+
+    now = timezone.now()
+    counts = {"auto_examined": len(item_ids), "to_review": 0, "auto_kept": 0, "busy": 0}
+    with transaction.atomic():
+        locked = list(Item.objects.filter(pk__in=item_ids, state=Item.State.AUTO_DECIDED)
+                      .select_for_update(skip_locked=True, of=("self",)).order_by("id").values_list("pk", flat=True))
+        counts["busy"] = len(item_ids) - len(locked)
+        decisions = {d.item_id: d for d in Decision.objects.filter(item_id__in=locked, is_current=True)}
+        # Lock the runs: a worker claiming one (pending -> delivering) waits for this transaction, then finds it
+        # rejected. Only then is "nothing has acted" checked.
+        list(ActionRun.objects.filter(decision_id__in=[d.pk for d in decisions.values()])
+             .select_for_update(of=("self",)).values_list("pk", flat=True))
+        ok = set(reversible_auto_items(source_id=policy.source_id, now=now).filter(pk__in=locked)
+                 .values_list("pk", flat=True))
+        rows = dict(Item.objects.filter(pk__in=list(ok)).values_list("pk", "source_id"))
+        predictions = {p.item_id: p for p in Prediction.objects.filter(item__in=list(ok), item__prediction=F("pk"))}
+        plan = RoutePlan(now=now, sources={policy.source_id})
+        back: list[int] = []
+        for item_id in sorted(ok):
+            prediction = predictions.get(item_id)
+            if prediction is None:
+                continue
+            outcome = route_one(label=prediction.top_label, confidence=prediction.confidence,
+                                thresholds=thresholds_by_model.get(prediction.model_version_id),
+                                why_none="no thresholds in force for this prediction's model")
+            if outcome.auto:
+                continue  # inside the auto region after all (a newer prediction): the decision stands
+            back.append(item_id)
+            reason = f"{outcome.reason} (auto-decision withdrawn: re-routed to review under policy v{policy.version})"
+            plan.items.append((item_id, str(Item.State.QUEUED), policy.pk, reason[:300]))
+        counts["auto_kept"] = len(locked) - len(ok)
+        if back:
+            rounds = _next_rounds(back, {ReviewTask.Kind.REVIEW, ReviewTask.Kind.DOUBLE})
+            for item_id, _state, _policy, reason in plan.items:
+                plan.tasks += _review_tasks(item_id=item_id, source_id=rows[item_id], policy=policy,
+                                            round_=_pair_round(rounds, item_id),
+                                            priority=_task_priority(policy, predictions[item_id].confidence),
+                                            reason=reason)
+            withdrawn = sorted(decisions[i].pk for i in back if i in decisions)
+            Decision.objects.filter(pk__in=withdrawn).update(is_current=False, withdrawn_at=now)
+            rejected = sorted(ActionRun.objects.filter(
+                decision_id__in=withdrawn, state__in=[ActionRun.State.PENDING, ActionRun.State.PENDING_APPROVAL]
+            ).values_list("pk", flat=True))
+            ActionRun.objects.filter(pk__in=rejected).update(
+                state=ActionRun.State.REJECTED, rejected_at=now, next_attempt_at=None, state_changed_at=now,
+                rejection_reason=f"auto-decision withdrawn by the re-route under policy v{policy.version}")
+            cancelled = sorted(ReviewTask.objects.filter(item_id__in=back, kind=ReviewTask.Kind.QA,
+                                                         state=ReviewTask.State.OPEN).values_list("pk", flat=True))
+            ReviewTask.objects.filter(pk__in=cancelled).update(state=ReviewTask.State.CANCELLED, completed_at=now)
+            route_plan_write(plan)
+            counts["to_review"] = len(back)
+            # Each item traces back: the withdrawn decision (its prediction and policy version) by id here, the
+            # item's new policy version and route reason on the row.
+            audit_record(actor=None, verb="policy.reroute_auto_back", object_type="policy", object_id=policy.pk,
+                         after={"version": policy.version, "items": back, "withdrawn_decisions": withdrawn,
+                                "rejected_action_runs": rejected, "cancelled_qa_tasks": cancelled},
+                         correlation_id=run_id)
+        audit_record(actor=None, verb="policy.reroute_progress", object_type="policy", object_id=policy.pk,
+                     after={**counts, "examined": counts["auto_examined"], "first_item_id": item_ids[0],
+                            "last_item_id": item_ids[-1]},
+                     correlation_id=run_id)
+    return counts
 
 
 # --- Metrics ----------------------------------------------------------------------------------------------

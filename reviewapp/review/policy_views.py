@@ -116,6 +116,7 @@ def _label_rows(source: Source, candidate: dict[str, Any]) -> list[dict[str, Any
 def _whatif(source: Source, candidate: dict[str, Any], current: Policy | None) -> dict[str, Any]:
     sim = policy_simulate(source=source, candidate=candidate,
                           current=policy_as_dict(current) if current is not None else None, with_charts=True)
+    sim["reroute_preview"] = policy_selectors.reroute_preview_for(source=source, candidate=candidate, sim=sim)
     return sim
 
 

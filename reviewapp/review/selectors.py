@@ -519,7 +519,7 @@ def item_with_relations(*, item_id: int) -> Item:
 
 
 def item_history(*, item: Item, user: Any) -> ItemHistory:
-    """Tasks, verdicts, decisions and action runs of the item, in four queries.
+    """Tasks, verdicts, decisions and action runs of the item, in four queries (three when never decided).
 
     Someone else's verdict is shown only to adjudicators, or once nothing on the item waits any more:
     the two reviewers of a double review must not see each other's answer."""
@@ -536,8 +536,11 @@ def item_history(*, item: Item, user: Any) -> ItemHistory:
     decisions = list(
         Decision.objects.filter(item=item).select_related("decided_by", "verdict").order_by("created_at", "id")
     )
+    # Runs hang off decisions: an item never decided (most items in review) has none, and the runs query
+    # is the widest join of the page.
+    runs = list(action_runs_for_item(item_id=item.pk)) if decisions else []
     return ItemHistory(tasks=tasks, verdicts=shown, hidden_verdicts=len(verdicts) - len(shown),
-                       decisions=decisions, action_runs=list(action_runs_for_item(item_id=item.pk)))
+                       decisions=decisions, action_runs=runs)
 
 
 def item_view_data(*, item_id: int, task: ReviewTask | None = None, user: Any = None,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
@@ -15,14 +15,17 @@ from django.db.models import Exists, Max, OuterRef, Subquery
 from django.utils import timezone
 
 from actions.services import (
+    RunsWithdrawal,
     action_runs_create_compensation,
     action_runs_create_for_decision,
     action_runs_create_for_decisions,
+    action_runs_withdraw,
 )
-from reviewapp.core.audit import audit_record
+from reviewapp.core.audit import AuditEntry, audit_record, audit_record_many
 from reviewapp.core.errors import Conflict, PermissionDeniedError, ValidationFailed
 from reviewapp.core.roles import can
 from reviewapp.ingest.models import Item, Source
+from reviewapp.ingest.pgcopy import copy_stage, id_set
 from reviewapp.review.models import Decision, Label, Policy, ReviewTask, Verdict
 from scoring.models import ModelVersion
 
@@ -184,7 +187,7 @@ def _next_rounds(item_ids: list[int], kinds: set[str]) -> dict[tuple[int, str], 
     if not item_ids:
         return {}
     rows = (
-        ReviewTask.objects.filter(item_id__in=item_ids, kind__in=kinds)
+        ReviewTask.objects.filter(item_id__in=id_set(item_ids), kind__in=kinds)
         .values("item_id", "kind")
         .annotate(top=Max("round"))
     )
@@ -209,18 +212,209 @@ def double_draw(*, item_id: int, policy: Policy) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _review_tasks(*, item: Item, policy: Policy | None, round_: int, priority: float, reason: str,
-                  now: datetime) -> list[ReviewTask]:
+def _review_tasks(*, item_id: int, source_id: int, policy: Policy | None, round_: int, priority: float, reason: str
+                  ) -> list[TaskRow]:
     """The review task for a queued item, plus its independent twin when the item is drawn for double review."""
     double = bool(policy is not None and policy.double_review_rate
-                  and double_draw(item_id=item.pk, policy=policy) < policy.double_review_rate)
+                  and double_draw(item_id=item_id, policy=policy) < policy.double_review_rate)
     kinds = [ReviewTask.Kind.REVIEW, ReviewTask.Kind.DOUBLE] if double else [ReviewTask.Kind.REVIEW]
-    return [
-        ReviewTask(item=item, source_id=item.source_id, kind=kind, round=round_, priority=priority, paired=double,
-                   reason=(reason[:300 - len(DOUBLE_REASON_SUFFIX)] + DOUBLE_REASON_SUFFIX) if double else reason[:300],
-                   created_at=now)
-        for kind in kinds
-    ]
+    text = (reason[:300 - len(DOUBLE_REASON_SUFFIX)] + DOUBLE_REASON_SUFFIX) if double else reason[:300]
+    return [TaskRow(item_id, source_id, str(kind), round_, priority, text, double) for kind in kinds]
+
+
+class TaskRow(NamedTuple):
+    """An open review task to create (plain tuples: building 2,000 model instances costs more than writing them)."""
+
+    item_id: int
+    source_id: int
+    kind: str
+    round: int
+    priority: float
+    reason: str
+    paired: bool
+
+
+class DecisionRow(NamedTuple):
+    item_id: int
+    label: str
+    prediction_id: int
+    model_version_id: int
+    policy_id: int | None
+    reason: str
+
+
+@dataclass
+class RoutePlan:
+    """What routing decided for a set of items, before anything is written: one row per item (its new state,
+    policy version and rule in words), plus the model decisions and review tasks to create."""
+
+    now: datetime
+    sources: set[int] = field(default_factory=set)
+    items: list[tuple[int, str, int | None, str]] = field(default_factory=list)
+    decisions: list[DecisionRow] = field(default_factory=list)
+    tasks: list[TaskRow] = field(default_factory=list)
+
+
+_ROUTE_STAGE = [("item_id", "bigint"), ("state", "text"), ("policy_id", "bigint"), ("reason", "text"),
+                ("decide", "boolean"), ("label", "text"), ("prediction_id", "bigint"), ("model_version_id", "bigint")]
+
+
+def _route_plan_write_pg(plan: RoutePlan) -> list[tuple[int, int]]:
+    """PostgreSQL: the items and their decisions are staged with one COPY, then one UPDATE of the items, one
+    INSERT of the decisions and one COPY of the tasks, whatever the number of items. Returns the new
+    decisions' (id, item id)."""
+    decided = {d.item_id: d for d in plan.decisions}
+    created: list[tuple[int, int]] = []
+    with connection.cursor() as cursor:
+        rows = []
+        for item_id, state, policy_id, reason in plan.items:
+            d = decided.get(item_id)
+            rows.append((item_id, state, policy_id, reason, d is not None, d.label if d else None,
+                         d.prediction_id if d else None, d.model_version_id if d else None))
+        copy_stage(cursor, table="review_route_stage", columns=_ROUTE_STAGE, rows=rows)
+        cursor.execute(
+            "UPDATE ingest_item AS i SET state = s.state, policy_id = s.policy_id, route_reason = s.reason,"
+            " state_changed_at = %s FROM review_route_stage AS s WHERE i.id = s.item_id",
+            [plan.now],
+        )
+        if plan.decisions:
+            cursor.execute(
+                "INSERT INTO review_decision (item_id, label, origin, prediction_id, model_version_id, policy_id,"
+                " reason, is_current, created_at)"
+                " SELECT s.item_id, s.label, %s, s.prediction_id, s.model_version_id, s.policy_id, s.reason, true, %s"
+                " FROM review_route_stage AS s WHERE s.decide ORDER BY s.item_id RETURNING id, item_id",
+                [Decision.Origin.MODEL, plan.now],
+            )
+            created = cursor.fetchall()
+        if plan.tasks:
+            # New rows only (rounds were numbered under the items' locks): straight into the table.
+            with cursor.copy("COPY review_reviewtask (item_id, source_id, kind, round, state, priority, reason,"
+                             " paired, note, created_at) FROM STDIN") as copy:
+                for t in plan.tasks:
+                    copy.write_row((t.item_id, t.source_id, t.kind, t.round, str(ReviewTask.State.OPEN), t.priority,
+                                    t.reason, t.paired, "", plan.now))
+    return created
+
+
+def route_plan_write(plan: RoutePlan) -> list[int]:
+    """Write a plan, with the action runs of its decisions; returns the ids of the decisions created.
+    On PostgreSQL set-based (see ``_route_plan_write_pg``); elsewhere (SQLite) the ORM's bulk path. Django's
+    ``bulk_update`` builds a ``CASE WHEN`` per row and field: it was most of a scoring chunk's time."""
+    if not plan.items:
+        return []
+    if connection.vendor == "postgresql":
+        created = _route_plan_write_pg(plan)
+        if not created or not _any_actions(plan.sources):
+            return sorted(pk for pk, _ in created)
+        decided = {d.item_id: d for d in plan.decisions}
+        decisions = []
+        for pk, item_id in created:
+            d = decided[item_id]
+            decision = Decision(pk=pk, item_id=item_id, label=d.label, origin=Decision.Origin.MODEL,
+                                prediction_id=d.prediction_id, model_version_id=d.model_version_id,
+                                policy_id=d.policy_id, reason=d.reason, created_at=plan.now)
+            decision._state.adding = False
+            decisions.append(decision)
+        action_runs_create_for_decisions(decisions=decisions)
+        return sorted(pk for pk, _ in created)
+    else:
+        decisions = Decision.objects.bulk_create([
+            Decision(item_id=d.item_id, label=d.label, origin=Decision.Origin.MODEL, prediction_id=d.prediction_id,
+                     model_version_id=d.model_version_id, policy_id=d.policy_id, reason=d.reason,
+                     created_at=plan.now)
+            for d in plan.decisions
+        ], batch_size=1000)
+        ReviewTask.objects.bulk_create([
+            ReviewTask(item_id=t.item_id, source_id=t.source_id, kind=t.kind, round=t.round, priority=t.priority,
+                       reason=t.reason, paired=t.paired, created_at=plan.now)
+            for t in plan.tasks
+        ], batch_size=1000)
+        rows = [Item(pk=pk, state=state, policy_id=policy_id, route_reason=reason, state_changed_at=plan.now)
+                for pk, state, policy_id, reason in plan.items]
+        Item.objects.bulk_update(rows, ["state", "policy", "route_reason", "state_changed_at"], batch_size=1000)
+    if decisions and _any_actions(plan.sources):
+        action_runs_create_for_decisions(decisions=decisions)
+    return sorted(d.pk for d in decisions)
+
+
+def _any_actions(source_ids: set[int]) -> bool:
+    """Whether any enabled action could fire for these sources. Most sources have none; asking first saves
+    ``action_runs_create_for_decisions`` a lookup of every decided item."""
+    from actions.models import ActionConfig
+
+    return ActionConfig.objects.filter(source_id__in=source_ids, enabled=True).exists()
+
+
+def _items_route_locked(*, item_ids: list[int]) -> tuple[dict[str, Any], AuditEntry | None]:
+    """The body of ``items_route`` without its audit write, for a caller that writes the event itself (scoring
+    writes its events last, so the audit trail's lock is held only at the end of its transaction).
+    Must run inside a transaction."""
+    now = timezone.now()
+    # Narrow rows (no payload, no probabilities): only what the rule reads.
+    rows = list(
+        Item.objects.filter(pk__in=id_set(item_ids), state=Item.State.SCORED, prediction__isnull=False)
+        .select_for_update(of=("self",))
+        .order_by("id")
+        .values_list("pk", "source_id", "prediction_id", "prediction__top_label", "prediction__confidence",
+                     "prediction__model_version_id")
+    )
+    result: dict[str, Any] = {"routed": 0, "auto_decided": 0, "queued": 0, "qa_sampled": 0, "double_review": 0,
+                              "skipped": len(set(item_ids)) - len(rows)}
+    if not rows:
+        return result, None
+    policies = _current_policies({r[1] for r in rows})
+    rounds = _next_rounds([r[0] for r in rows], {ReviewTask.Kind.REVIEW, ReviewTask.Kind.QA, ReviewTask.Kind.DOUBLE})
+    model_versions: dict[int, ModelVersion] = {}
+    if any(p.mode == Policy.Mode.TARGET_ERROR for p in policies.values()):
+        model_versions = ModelVersion.objects.in_bulk({r[5] for r in rows})
+    thresholds_cache: dict[tuple[int, int], tuple[dict[str, float] | None, str]] = {}
+    plan = RoutePlan(now=now, sources={r[1] for r in rows})
+    auto_state, queued_state, qa_kind = str(Item.State.AUTO_DECIDED), str(Item.State.QUEUED), str(ReviewTask.Kind.QA)
+    for item_id, source_id, prediction_id, top_label, confidence, model_version_id in rows:
+        policy = policies.get(source_id)
+        if policy is None:
+            outcome = RouteOutcome(False, "no policy for this source; nothing is auto-decided")
+        else:
+            key = (policy.pk, model_version_id)
+            if key not in thresholds_cache:
+                thresholds_cache[key] = policy_thresholds(policy=policy,
+                                                          model_version=model_versions.get(model_version_id))
+            thresholds, why_none = thresholds_cache[key]
+            outcome = route_one(label=top_label, confidence=confidence, thresholds=thresholds, why_none=why_none)
+        policy_id = policy.pk if policy is not None else None
+        priority = _task_priority(policy, confidence)
+        reason = outcome.reason[:300]
+        if outcome.auto:
+            plan.items.append((item_id, auto_state, policy_id, reason))
+            plan.decisions.append(DecisionRow(item_id, top_label, prediction_id, model_version_id, policy_id, reason))
+            result["auto_decided"] += 1
+            if policy is not None and qa_draw(item_id=item_id, policy=policy) < policy.qa_sample_rate:
+                plan.tasks.append(TaskRow(item_id, source_id, qa_kind, rounds.get((item_id, qa_kind), 1), priority,
+                                          QA_REASON, False))
+                result["qa_sampled"] += 1
+        else:
+            plan.items.append((item_id, queued_state, policy_id, reason))
+            pair = _review_tasks(item_id=item_id, source_id=source_id, policy=policy,
+                                 round_=_pair_round(rounds, item_id), priority=priority, reason=outcome.reason)
+            plan.tasks += pair
+            result["queued"] += 1
+            result["double_review"] += len(pair) - 1
+    decision_ids = route_plan_write(plan)
+    result["routed"] = len(rows)
+    source_ids = sorted({r[1] for r in rows})
+    # One event per routed chunk: counts and ranges. Each item's route stays traceable row by row: the item
+    # names its policy version and prediction, and each decision its prediction, model version and policy.
+    entry = AuditEntry(
+        "items.routed", "source", ",".join(str(s) for s in source_ids),
+        after={
+            **{k: result[k] for k in ("routed", "auto_decided", "queued", "qa_sampled", "double_review")},
+            "policy_versions": {str(s): policies[s].version if s in policies else None for s in source_ids},
+            "first_item_id": rows[0][0], "last_item_id": rows[-1][0],
+            "first_decision_id": decision_ids[0] if decision_ids else None,
+            "last_decision_id": decision_ids[-1] if decision_ids else None,
+        },
+    )
+    return result, entry
 
 
 def items_route(*, item_ids: list[int]) -> dict[str, Any]:
@@ -228,80 +422,12 @@ def items_route(*, item_ids: list[int]) -> dict[str, Any]:
 
     Called by scoring inside its transaction after it set ``item.prediction`` and state ``scored``.
     Only items still ``scored`` with a prediction are touched, so a second call changes nothing.
+    The number of statements does not grow with the items (see ``route_plan_write``).
     """
-    now = timezone.now()
     with transaction.atomic():
-        items = list(
-            Item.objects.filter(pk__in=item_ids, state=Item.State.SCORED, prediction__isnull=False)
-            .select_related("prediction", "prediction__model_version")
-            .select_for_update(of=("self",))
-            .order_by("id")
-        )
-        result: dict[str, Any] = {"routed": 0, "auto_decided": 0, "queued": 0, "qa_sampled": 0, "double_review": 0,
-                                  "skipped": len(set(item_ids)) - len(items)}
-        if not items:
-            return result
-        policies = _current_policies({i.source_id for i in items})
-        rounds = _next_rounds([i.pk for i in items], {ReviewTask.Kind.REVIEW, ReviewTask.Kind.QA,
-                                                      ReviewTask.Kind.DOUBLE})
-        thresholds_cache: dict[tuple[int, int], tuple[dict[str, float] | None, str]] = {}
-        decisions: list[Decision] = []
-        tasks: list[ReviewTask] = []
-        for item in items:
-            prediction = item.prediction
-            assert prediction is not None  # filtered above
-            policy = policies.get(item.source_id)
-            if policy is None:
-                outcome = RouteOutcome(False, "no policy for this source; nothing is auto-decided")
-            else:
-                key = (policy.pk, prediction.model_version_id)
-                if key not in thresholds_cache:
-                    thresholds_cache[key] = policy_thresholds(policy=policy, model_version=prediction.model_version)
-                thresholds, why_none = thresholds_cache[key]
-                outcome = route_one(label=prediction.top_label, confidence=prediction.confidence,
-                                    thresholds=thresholds, why_none=why_none)
-            item.policy = policy
-            item.route_reason = outcome.reason
-            item.state_changed_at = now
-            if outcome.auto:
-                item.state = Item.State.AUTO_DECIDED
-                decisions.append(Decision(
-                    item=item, label=prediction.top_label, origin=Decision.Origin.MODEL, prediction=prediction,
-                    model_version_id=prediction.model_version_id, policy=policy, reason=outcome.reason,
-                    created_at=now,
-                ))
-                result["auto_decided"] += 1
-                if policy is not None and qa_draw(item_id=item.pk, policy=policy) < policy.qa_sample_rate:
-                    tasks.append(ReviewTask(
-                        item=item, source_id=item.source_id, kind=ReviewTask.Kind.QA,
-                        round=rounds.get((item.pk, ReviewTask.Kind.QA), 1),
-                        priority=_task_priority(policy, prediction.confidence), reason=QA_REASON, created_at=now,
-                    ))
-                    result["qa_sampled"] += 1
-            else:
-                item.state = Item.State.QUEUED
-                pair = _review_tasks(
-                    item=item, policy=policy, round_=_pair_round(rounds, item.pk),
-                    priority=_task_priority(policy, prediction.confidence), reason=outcome.reason, now=now,
-                )
-                tasks += pair
-                result["queued"] += 1
-                result["double_review"] += len(pair) - 1
-        Decision.objects.bulk_create(decisions, batch_size=1000)
-        action_runs_create_for_decisions(decisions=decisions)
-        ReviewTask.objects.bulk_create(tasks, batch_size=1000)
-        Item.objects.bulk_update(items, ["state", "policy", "route_reason", "state_changed_at"], batch_size=1000)
-        result["routed"] = len(items)
-        source_ids = sorted({i.source_id for i in items})
-        audit_record(
-            actor=None, verb="items.routed", object_type="source",
-            object_id=",".join(str(s) for s in source_ids),
-            after={
-                **{k: result[k] for k in ("routed", "auto_decided", "queued", "qa_sampled", "double_review")},
-                "policy_versions": {str(s): policies[s].version if s in policies else None for s in source_ids},
-                "first_item_id": items[0].pk, "last_item_id": items[-1].pk,
-            },
-        )
+        result, entry = _items_route_locked(item_ids=item_ids)
+        if entry is not None:
+            audit_record_many(actor=None, entries=[entry])
     return result
 
 
@@ -309,33 +435,31 @@ def items_route_unscored(*, item_ids: list[int], reason: str) -> int:
     """Cold start: items no model can score yet go straight to review with ``reason``."""
     now = timezone.now()
     with transaction.atomic():
-        items = list(
-            Item.objects.filter(pk__in=item_ids, state=Item.State.RECEIVED)
-            .select_for_update().order_by("id")
+        rows = list(
+            Item.objects.filter(pk__in=id_set(item_ids), state=Item.State.RECEIVED)
+            .select_for_update().order_by("id").values_list("pk", "source_id")
         )
-        if not items:
+        if not rows:
             return 0
-        policies = _current_policies({i.source_id for i in items})
-        rounds = _next_rounds([i.pk for i in items], {ReviewTask.Kind.REVIEW, ReviewTask.Kind.DOUBLE})
-        tasks = []
-        for item in items:
-            item.state = Item.State.QUEUED
-            item.policy = policies.get(item.source_id)
-            item.route_reason = reason[:300]
-            item.state_changed_at = now
+        policies = _current_policies({r[1] for r in rows})
+        rounds = _next_rounds([r[0] for r in rows], {ReviewTask.Kind.REVIEW, ReviewTask.Kind.DOUBLE})
+        plan = RoutePlan(now=now, sources={r[1] for r in rows})
+        for item_id, source_id in rows:
+            policy = policies.get(source_id)
+            plan.items.append((item_id, str(Item.State.QUEUED), policy.pk if policy is not None else None,
+                               reason[:300]))
             # Without a confidence every item ties; created_at then gives oldest-first.
-            tasks += _review_tasks(item=item, policy=item.policy, round_=_pair_round(rounds, item.pk), priority=0.0,
-                                   reason=reason, now=now)
-        ReviewTask.objects.bulk_create(tasks, batch_size=1000)
-        Item.objects.bulk_update(items, ["state", "policy", "route_reason", "state_changed_at"], batch_size=1000)
-        source_ids = sorted({i.source_id for i in items})
+            plan.tasks += _review_tasks(item_id=item_id, source_id=source_id, policy=policy,
+                                        round_=_pair_round(rounds, item_id), priority=0.0, reason=reason)
+        route_plan_write(plan)
+        source_ids = sorted({r[1] for r in rows})
         audit_record(
             actor=None, verb="items.routed_unscored", object_type="source",
             object_id=",".join(str(s) for s in source_ids),
-            after={"queued": len(items), "reason": reason, "first_item_id": items[0].pk,
-                   "last_item_id": items[-1].pk},
+            after={"queued": len(rows), "reason": reason, "first_item_id": rows[0][0],
+                   "last_item_id": rows[-1][0]},
         )
-    return len(items)
+    return len(rows)
 
 
 # --- Claims -----------------------------------------------------------------------------------------
@@ -395,10 +519,24 @@ def _owns_twin(task: ReviewTask, user: Any) -> bool:
 
 # Pick and claim in one statement: the row lock, the claim and the item's move to in_review in one round
 # trip. The table names and ORDER BY are constants of this module; every value is a parameter.
-_CLAIM_SQL = """
-WITH picked AS (
+# ``{held}`` (the first attempt) also looks for a live claim the user already holds: when there is one,
+# its lease is renewed and nothing new is picked (the NOT EXISTS is a one-time filter), so claim-next is
+# one statement either way.
+_HELD_SQL = """
+held AS (
     SELECT id FROM review_reviewtask
-    WHERE state = 'open' AND kind = ANY(%(kinds)s){source}{exclude}
+    WHERE state = 'claimed' AND claimed_by_id = %(user)s AND lease_expires_at > %(now)s
+      AND kind = ANY(%(kinds)s){source}
+    ORDER BY claimed_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+), renewed AS (
+    UPDATE review_reviewtask AS t SET lease_expires_at = %(lease)s
+    FROM held WHERE t.id = held.id
+    RETURNING t.*
+), """
+_CLAIM_SQL = """
+WITH {held}picked AS (
+    SELECT id FROM review_reviewtask
+    WHERE {not_held}state = 'open' AND kind = ANY(%(kinds)s){source}{exclude}
     ORDER BY {order} LIMIT 1 FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE review_reviewtask AS t
@@ -410,18 +548,24 @@ WITH picked AS (
     FROM claimed WHERE i.id = claimed.item_id AND i.state = 'queued'
     RETURNING i.id
 )
-SELECT * FROM claimed
+SELECT *, false AS was_held FROM claimed{renewed}
 """
 
 
 def _pick_and_claim(*, user: Any, kinds: tuple[str, ...], source: Source | None, exclude: list[int], order: str,
-                    now: datetime) -> ReviewTask | None:
+                    now: datetime, include_held: bool = False) -> ReviewTask | None:
     """Claim the first open task in ``order`` that nobody has locked; a QA task leaves its item
-    auto_decided (the model's decision stands until overridden): only a queued item moves to in_review."""
+    auto_decided (the model's decision stands until overridden): only a queued item moves to in_review.
+    ``include_held`` (PostgreSQL): return the user's live claim instead, lease renewed, when they hold one
+    (the task then has ``was_held`` set)."""
     order_by = ("priority", "created_at", "id") if order == "priority" else ("created_at", "id")
     if connection.vendor == "postgresql":
+        source_sql = " AND source_id = %(source)s" if source is not None else ""
         sql = _CLAIM_SQL.format(
-            source=" AND source_id = %(source)s" if source is not None else "",
+            held=_HELD_SQL.format(source=source_sql) if include_held else "",
+            not_held="NOT EXISTS (SELECT 1 FROM held) AND " if include_held else "",
+            renewed=" UNION ALL SELECT *, true AS was_held FROM renewed" if include_held else "",
+            source=source_sql,
             exclude=" AND NOT (id = ANY(%(exclude)s))" if exclude else "",
             order=", ".join(order_by),
         )
@@ -458,23 +602,30 @@ def task_claim_next(
     kinds = queue_kinds(user=user, queue=queue)
     now = timezone.now()
     with transaction.atomic():
-        held_qs = ReviewTask.objects.filter(
-            state=ReviewTask.State.CLAIMED, claimed_by=user, lease_expires_at__gt=now, kind__in=kinds
-        )
-        if source is not None:
-            held_qs = held_qs.filter(source=source)
-        held = held_qs.select_for_update(skip_locked=True).order_by("claimed_at", "id").first()
-        if held is not None:
-            # Coming back to a held item is activity: keep its lease fresh.
-            held.lease_expires_at = _lease_end(now)
-            held.save(update_fields=["lease_expires_at"])
-            return held
+        # On PostgreSQL the held-claim check is part of the claim statement (one round trip).
+        include_held = connection.vendor == "postgresql"
+        if not include_held:
+            held_qs = ReviewTask.objects.filter(
+                state=ReviewTask.State.CLAIMED, claimed_by=user, lease_expires_at__gt=now, kind__in=kinds
+            )
+            if source is not None:
+                held_qs = held_qs.filter(source=source)
+            held = held_qs.select_for_update(skip_locked=True).order_by("claimed_at", "id").first()
+            if held is not None:
+                # Coming back to a held item is activity: keep its lease fresh.
+                held.lease_expires_at = _lease_end(now)
+                held.save(update_fields=["lease_expires_at"])
+                return held
         exclude = list(exclude_task_ids)
         order = "priority" if queue == REVIEW_QUEUE else "oldest"
         while True:
-            task = _pick_and_claim(user=user, kinds=kinds, source=source, exclude=exclude, order=order, now=now)
+            task = _pick_and_claim(user=user, kinds=kinds, source=source, exclude=exclude, order=order, now=now,
+                                   include_held=include_held)
+            include_held = False
             if task is None:
                 return None
+            if getattr(task, "was_held", False):
+                return task  # the live claim the user already holds, its lease renewed
             if not _owns_twin(task, user):
                 break
             # The user's own twin of a double review: give it back (its row lock lasts until commit, so
@@ -727,9 +878,9 @@ def verdict_submit(
     """Record a reviewer's verdict on the item they hold. Returns ``(verdict, created)``; the same
     ``idempotency_key`` again returns the earlier verdict with ``created=False`` and changes nothing."""
     idempotency_key = idempotency_key or None
-    earlier = _earlier_verdict(user, idempotency_key, item)
-    if earlier is not None:
-        return earlier, False
+    # No look-up of the key up front (a query on every verdict for the rare resend): a resent verdict
+    # finds its task done (or held by someone else) and returns the earlier one below, and a resend that
+    # races the first is stopped by the (reviewer, key) unique constraint and answered the same way.
     _check_label(item, label)
     if handling_ms is not None and not 0 <= handling_ms <= 2_147_483_647:
         raise ValidationFailed("Invalid handling time.", [{"field": "handling_ms", "message": "out of range"}])
@@ -838,10 +989,28 @@ def task_escalate(*, user: Any, item: Item, note: str = "") -> ReviewTask:
 
 # --- Undo -------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class UndoResult:
+    task: ReviewTask
+    # What happened to the action runs of the withdrawn decision (None when the verdict decided nothing).
+    actions: RunsWithdrawal | None
+
+    @property
+    def actions_summary(self) -> str:
+        return self.actions.summary() if self.actions is not None else ""
+
+
 def verdict_undo(*, user: Any, verdict_id: int | None = None) -> ReviewTask:
+    """Withdraw the user's latest verdict (or ``verdict_id``); see ``verdict_withdraw``."""
+    return verdict_withdraw(user=user, verdict_id=verdict_id).task
+
+
+def verdict_withdraw(*, user: Any, verdict_id: int | None = None) -> UndoResult:
     """Withdraw the user's latest verdict (or ``verdict_id``) of the last few minutes: its label and the
-    decision it made are withdrawn (a decision it superseded is current again) and the task is the
-    user's claim again, with a fresh lease. Refused once someone else has acted on the item."""
+    decision it made are withdrawn (a decision it superseded is current again), the decision's action
+    runs that have not acted are cancelled (delivered ones cannot be: the result says so, and their
+    compensating action is queued where one is configured), and the task is the user's claim again,
+    with a fresh lease. Refused once someone else has acted on the item."""
     now = timezone.now()
     qs = Verdict.objects.filter(reviewer=user, withdrawn_at__isnull=True, created_at__gte=now - undo_window())
     if verdict_id is not None:
@@ -866,6 +1035,7 @@ def verdict_undo(*, user: Any, verdict_id: int | None = None) -> ReviewTask:
         before = {"item_state": item.state, "task_state": task.state, "label": verdict.label}
         decision = Decision.objects.select_for_update().filter(verdict=verdict, is_current=True).first()
         restored: Decision | None = None
+        withdrawal: RunsWithdrawal | None = None
         if decision is not None:
             decision.is_current = False
             decision.withdrawn_at = now
@@ -879,7 +1049,10 @@ def verdict_undo(*, user: Any, verdict_id: int | None = None) -> ReviewTask:
                     restored = None
             # Runs of the withdrawn decision that have not acted are cancelled; delivered ones get their
             # compensation (attached to the restored decision, or to the withdrawn one when none is restored).
-            action_runs_create_compensation(old_decision=decision, new_decision=restored or decision)
+            withdrawal = action_runs_withdraw(
+                decision=decision, restored=restored, actor=user,
+                reason=f"decision {decision.pk} withdrawn: verdict {verdict.pk} undone by {user.get_username()}",
+            )
         Label.objects.filter(verdict=verdict, is_active=True).update(is_active=False, withdrawn_at=now)
         replaced = (Label.objects.filter(item=item, is_active=False, withdrawn_at=verdict.created_at)
                     .exclude(verdict=verdict).order_by("-id").first())
@@ -909,9 +1082,10 @@ def verdict_undo(*, user: Any, verdict_id: int | None = None) -> ReviewTask:
             correlation_id=str(item.correlation_id), before=before,
             after={"verdict": verdict.pk, "task": task.pk, "task_state": task.state, "item_state": item.state,
                    "decision_withdrawn": decision.pk if decision else None,
-                   "decision_restored": restored.pk if restored else None, "cancelled": cancelled},
+                   "decision_restored": restored.pk if restored else None, "cancelled": cancelled,
+                   "actions": withdrawal.as_dict() if withdrawal is not None else None},
         )
-    return task
+    return UndoResult(task=task, actions=withdrawal)
 
 
 # --- Bulk verdicts ----------------------------------------------------------------------------------

@@ -161,8 +161,9 @@ def _remember_skip(request: HttpRequest, task_id: int) -> None:
 
 
 def _work_context(request: HttpRequest, source: Source | None, queue_name: str) -> dict[str, Any]:
-    return {"source_slug": source.slug if source else "", "queue": queue_name,
-            "undoable": selectors.last_undoable_verdict(user=request.user)}
+    # A verdict recorded by this very request is the user's latest: no need to look it up again.
+    undoable = getattr(request, "review_recorded_verdict", None) or selectors.last_undoable_verdict(user=request.user)
+    return {"source_slug": source.slug if source else "", "queue": queue_name, "undoable": undoable}
 
 
 def _item_context(request: HttpRequest, task: ReviewTask, source: Source | None, queue_name: str,
@@ -195,8 +196,11 @@ def _item_context(request: HttpRequest, task: ReviewTask, source: Source | None,
 
 
 def _render_task(request: HttpRequest, task: ReviewTask, source: Source | None, queue_name: str,
-                 notice: str = "", notice_kind: str = "info") -> HttpResponse:
-    return render(request, "review/_item.html", _item_context(request, task, source, queue_name, notice, notice_kind))
+                 notice: str = "", notice_kind: str = "info", undo_actions: Any = None) -> HttpResponse:
+    context = _item_context(request, task, source, queue_name, notice, notice_kind)
+    # After an undo: what happened to each action of the withdrawn decision (the notice line is one line).
+    context["undo_actions"] = undo_actions
+    return render(request, "review/_item.html", context)
 
 
 def _render_next(request: HttpRequest, source: Source | None, queue_name: str, notice: str = "",
@@ -267,11 +271,13 @@ def verdict(request: HttpRequest, item_id: int) -> HttpResponse:
     source, queue_name = data.get("source"), data["queue"]
     notice, kind = "", "info"
     try:
-        recorded, _created = services.verdict_submit(
+        recorded, created = services.verdict_submit(
             user=request.user, item=item, label=data["label"], note=data.get("note") or "",
             idempotency_key=data.get("idempotency_key") or None, handling_ms=data.get("handling_ms"),
         )
         notice = f"Recorded {recorded.label} for {item.external_id}."
+        if created:
+            request.review_recorded_verdict = recorded  # type: ignore[attr-defined]
     except ValidationFailed as exc:
         return HttpResponseBadRequest(exc.detail)
     except Conflict as exc:
@@ -330,7 +336,7 @@ def undo(request: HttpRequest) -> HttpResponse:
     form, source, queue_name = _claim_form(request, UndoForm)
     data = form.cleaned_data if form.is_valid() else {}
     try:
-        task = services.verdict_undo(user=request.user, verdict_id=data.get("verdict"))
+        result = services.verdict_withdraw(user=request.user, verdict_id=data.get("verdict"))
     except Conflict as exc:
         held = selectors.task_for_user(user=request.user, source=source)
         if not request.htmx:
@@ -338,6 +344,7 @@ def undo(request: HttpRequest) -> HttpResponse:
         if held is not None:
             return _render_task(request, held, source, queue_name, f"Nothing undone: {exc.detail}", "warn")
         return _render_next(request, source, queue_name, f"Nothing undone: {exc.detail}", "warn")
+    task = result.task
     current = data.get("current_item")
     if current and current != task.item_id:
         current_item = Item.objects.filter(pk=current).first()
@@ -350,8 +357,12 @@ def undo(request: HttpRequest) -> HttpResponse:
         return redirect(_work_url(source, queue_name))
     task.refresh_from_db()
     item = Item.objects.only("external_id").get(pk=task.item_id)
-    return _render_task(request, task, source, queue_name,
-                        f"Your verdict on {item.external_id} was withdrawn; answer it again.", "info")
+    notice = f"Your verdict on {item.external_id} was withdrawn; answer it again."
+    if result.actions_summary:
+        notice = f"{notice} Actions: {result.actions_summary}"
+    # A delivered action that could not be withdrawn is worth a second look: say so as a warning.
+    kind = "warn" if result.actions is not None and (result.actions.delivered or result.actions.in_flight) else "info"
+    return _render_task(request, task, source, queue_name, notice, kind, undo_actions=result.actions)
 
 
 @require_POST

@@ -67,6 +67,10 @@ def test_record_of_an_overridden_auto_decision(admin_api, overridden, analyst):
     assert verification["events_checked"] == len(data["audit_events"])
     assert [h["hash"] for h in verification["hashes"]] == [e["hash"] for e in data["audit_events"]]
     assert verification["chain_head"]["id"] == AuditEvent.objects.order_by("-id").first().pk
+    chains = {e["chain"] for e in data["audit_events"]}
+    assert {h["chain"] for h in verification["chain_heads"]} == chains
+    for head in verification["chain_heads"]:
+        assert head["id"] == AuditEvent.objects.filter(chain=head["chain"]).order_by("-id").first().pk
 
 
 def test_the_model_decision_shows_who_overrode_it_and_its_actions(ml_api, overridden):
@@ -99,7 +103,7 @@ def test_edited_audit_row_breaks_the_verification(admin_api, overridden):
 def test_deleted_audit_row_breaks_the_link_of_the_next_shown_event(admin_api, overridden):
     _model, human, _item = overridden
     claimed = AuditEvent.objects.get(verb="task.claimed")
-    following = AuditEvent.objects.filter(id__gt=claimed.pk).order_by("id").first()
+    following = AuditEvent.objects.filter(chain=claimed.chain, id__gt=claimed.pk).order_by("id").first()
     with connection.cursor() as cursor:
         cursor.execute("ALTER TABLE core_auditevent DISABLE TRIGGER USER")
         try:

@@ -239,3 +239,38 @@ def test_layout_keeps_still_and_fits_1280x800(live_server, analyst, page, transa
     # Focus is visible on the controls a keyboard user reaches.
     page.keyboard.press("Tab")
     assert page.evaluate("getComputedStyle(document.activeElement).outlineStyle") not in ("none", "")
+
+
+def test_undo_says_which_actions_could_not_be_withdrawn(live_server, analyst, admin_user, page, transactional_db):
+    """U after a verdict whose decision already acted: the page lists the action delivered (cannot be
+    withdrawn, no compensation configured) and the one withdrawn before it was sent; names stay text."""
+    from actions.models import ActionRun
+    from actions.services import action_config_create, action_run_deliver
+    from tests.conftest import wait_for
+
+    source = make_payments_source(thresholds={})
+    action_config_create(source=source, actor=admin_user, kind="log", name="record", label="fraud")
+    action_config_create(source=source, actor=admin_user, kind="log", name=f"notify {HANDLER}", label="fraud",
+                         high_risk=True)
+    a, b = make_scored_items(source, [("legit", 0.5), ("legit", 0.6)])
+    login(page, live_server, analyst.username, PASSWORD)
+    page.goto(f"{live_server.url}/review/")
+    assert _shown(page) == a.pk
+    page.keyboard.press("2")  # fraud: the decision queues both actions
+    assert _next(page, a.pk) == b.pk
+    record = ActionRun.objects.get(decision__item=a, config__name="record")
+    # Deliver it now (a live worker of another test may have taken its wake-up call first: then wait).
+    assert action_run_deliver(run_id=record.pk) in ("delivered", "skipped:delivered", "skipped:delivering")
+    wait_for(lambda: ActionRun.objects.get(pk=record.pk).state == "delivered", timeout=20, what="record delivered")
+
+    page.keyboard.press("u")
+    assert _next(page, b.pk) == a.pk
+    box = page.locator("#undo-actions")
+    expect(box).to_be_visible()
+    expect(box.locator('[data-outcome="delivered"]')).to_contain_text("record (log): already delivered — cannot be "
+                                                                     "withdrawn")
+    expect(box.locator('[data-outcome="delivered"]')).to_contain_text("no compensating action is configured")
+    expect(box.locator('[data-outcome="withdrawn"]')).to_contain_text(f"notify {HANDLER} (log): not sent yet")
+    assert ActionRun.objects.get(decision__item=a, config__name__startswith="notify").state == "rejected"
+    assert page.locator("#undo-actions img").count() == 0
+    assert page.dialogs == []  # type: ignore[attr-defined]

@@ -107,7 +107,9 @@ def test_detail_carries_risk_control_evidence_and_the_loop_fields(analyst_api: A
     assert detail["label_watermark"] is not None and detail["shadow"]["n"] == 0
     risk = detail["risk_control"]
     assert set(risk) >= {"target_error", "confidence", "thresholds", "evidence", "reason"}
-    assert risk["evidence"]["n_heldout"] == 240
+    # 1,200 labels are few: every one is scored out of fold (5 folds), and the evidence says which labels and how.
+    assert risk["evidence"]["n_heldout"] == 1200 and risk["evidence"]["labels"]["count"] == 1200
+    assert [f["n_heldout"] for f in risk["evidence"]["crossfit"]["per_fold"]] == [240] * 5
     assert detail["key_metrics"]["coverage"] == detail["metrics"]["conformal"]["coverage"]
 
 

@@ -173,12 +173,13 @@ def test_risk_control_for_other_targets(source) -> None:
     mv = services.model_train(source=source, actor=None)
     stored = mv.risk_control
     assert stored["target_error"] == 0.02 and stored["confidence"] == pytest.approx(0.95)
-    assert stored["evidence"]["n_heldout"] == 600 and stored["evidence"]["per_label"]
+    assert stored["evidence"]["n_heldout"] == 3000 and stored["evidence"]["per_label"]  # cross-fitted: all labels
     assert services.model_risk_control(model_version=mv, target_error=0.02, confidence=0.95) is stored
     loose = services.model_risk_control(model_version=mv, target_error=0.05, confidence=0.9)
     assert loose["target_error"] == 0.05 and loose["confidence"] == pytest.approx(0.9)
     assert loose["thresholds"]["legit"] <= stored["thresholds"].get("legit", 1.0)
-    # Too strict for 600 held-out labels: nothing is auto-decided, and it says why.
+    assert loose["evidence"]["crossfit"] == stored["evidence"]["crossfit"]  # recomputed on the same evidence
+    # Too strict for 3,000 held-out labels: nothing is auto-decided, and it says why.
     strict = services.model_risk_control(model_version=mv, target_error=0.001, confidence=0.99)
     assert strict["thresholds"] == {} and "nothing is auto-decided" in strict["reason"]
     with pytest.raises(ValidationFailed):
@@ -186,6 +187,18 @@ def test_risk_control_for_other_targets(source) -> None:
     old = ModelVersion.objects.create(source=source, version=9, algorithm="logreg", status="ready")
     assert services.model_risk_control(model_version=old, target_error=0.05, confidence=0.9)["reason"] == (
         services.NO_EVIDENCE_REASON)
+
+
+def test_risk_control_falls_back_to_the_newest_fifth_above_the_crossfit_limit(source, settings: Any) -> None:
+    settings.RISK_CONTROL_CROSSFIT_MAX_LABELS = 1000
+    add_labeled_history(source, payments.generate_payments(1500, seed=72))
+    mv = services.model_train(source=source, actor=None)
+    evidence = mv.risk_control["evidence"]
+    assert evidence["n_heldout"] == 300 and evidence["labels"]["count"] == 300  # the newest 20% only
+    assert evidence["source"] == services.TIME_SPLIT_SOURCE and "crossfit" not in evidence
+    assert "above 1000" in evidence["crossfit_skipped"]
+    label_ids = list(Label.objects.filter(source=source).order_by("id").values_list("id", flat=True))
+    assert evidence["labels"]["min_label_id"] == label_ids[1200] and evidence["labels"]["max_label_id"] == label_ids[-1]
 
 
 def test_similar_past_decisions(source) -> None:

@@ -81,6 +81,11 @@ def test_model_card(client: Any, ml_engineer: Any, trained: ModelVersion) -> Non
                      "split-conformal (LAC, level α = 0.1)", "Sigmoid calibration"):
         assert expected in html, expected
     assert ('id="risk-summary"' in html) != ('id="risk-reason"' in html)
+    # The evidence behind the bound: which labels, cross-fitted in folds, and the assumption it rests on.
+    evidence = trained.risk_control["evidence"]
+    assert 'id="risk-evidence"' in html and evidence["labels"]["sha256"] in html
+    assert 'id="risk-folds"' in html and f"Cross-fitting: {evidence['crossfit']['folds']} folds" in html
+    assert 'id="risk-assumption"' in html and "exchangeable" in html
     svg = re.search(r"<svg class=\"reliability\".*?</svg>", html, re.S)
     assert svg and svg.group(0).count("<rect") >= 1 and svg.group(0).count("<circle") >= 1
     assert "<script" not in html.split("</head>")[1]
