@@ -54,8 +54,10 @@ elif mode == "json_build_object":  # the JSONL export before 2026-11-22, kept as
     for col in spec.columns:
         value = col.sql.replace("->>", "->") if col.sql.startswith("(i.payload ->>") else col.sql
         pairs.append(s._quote_key(col.name) + ", " + ("p.prediction_set" if col.name == "prediction_set" else value))
+    from_sql, from_params = s._from(spec)
     where, params = s._where(spec)
-    sql = "SELECT json_build_object(" + ", ".join(pairs) + ")::text " + s._FROM + " WHERE " + where + " ORDER BY l.id"
+    params = from_params + params
+    sql = "SELECT json_build_object(" + ", ".join(pairs) + ")::text " + from_sql + " WHERE " + where + " ORDER BY l.id"
     trick = " TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
     for block in s._copy_blocks("COPY (" + s._bound(sql, params) + ")" + trick):
         size += len(block)

@@ -155,6 +155,9 @@ AUTH_PASSWORD_VALIDATORS = [
 if REVIEWAPP_ENV == "test":
     # Hashing is the slowest part of making test users; the suite never stores real passwords.
     PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# ModelBackend with the permission set in one query (reviewapp/core/roles.py): every signed-in request
+# checks capabilities.
+AUTHENTICATION_BACKENDS = ["reviewapp.core.roles.CapabilityBackend"]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
 LOGOUT_REDIRECT_URL = "login"

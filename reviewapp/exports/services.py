@@ -31,7 +31,7 @@ from reviewapp.core.errors import ValidationFailed
 from reviewapp.core.models import AuditEvent
 from reviewapp.exports.models import ExportJob
 from reviewapp.ingest.models import Source
-from reviewapp.review.models import Label
+from reviewapp.review.models import Label, ReviewTask
 
 FORMATS = ("csv", "jsonl", "parquet")
 CONTENT_TYPES = {
@@ -90,8 +90,9 @@ class Snapshot:
 @dataclass(frozen=True)
 class Column:
     name: str
-    arrow_type: str  # string, float64, int64, bool, timestamp
-    sql: str  # expression over the aliases in _FROM
+    arrow_type: str  # string, float64, int64, bool, timestamp, list<string>
+    # An expression over the aliases in _from(); for a list<string> column, a text[] (CSV joins it with ";").
+    sql: str
     is_text: bool = field(default=False)
 
 
@@ -112,6 +113,81 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""').replace("%", "%%") + '"'
 
 
+# --- reviewers: everyone who answered in the round that produced the label ------------------------------
+
+LIST_OF_STRINGS = "list<string>"
+# How a list column travels inside a CSV cell on its way to Parquet: a byte no username holds.
+_LIST_SEP = "\x1f"
+# The two tasks of a double review share an item and a round (reviewapp.review.services.PAIR_KINDS);
+# adjudications and escalations point at the task they came from (``parent``).
+_PAIR_KINDS_SQL = f"('{ReviewTask.Kind.REVIEW.value}', '{ReviewTask.Kind.DOUBLE.value}')"
+_ADMIN_KINDS_SQL = f"('{ReviewTask.Kind.ADJUDICATION.value}', '{ReviewTask.Kind.ESCALATION.value}')"
+_ADMIN_KINDS = (ReviewTask.Kind.ADJUDICATION, ReviewTask.Kind.ESCALATION)
+# The round whose pair answered: the label's verdict's own when its task is one of a double review's pair,
+# else the round of the paired task an adjudication or escalation came from (t: the verdict's task, pt:
+# its parent). NULL for a single review, a QA sample and an import.
+_PAIR_ROUND_SQL = "CASE WHEN {t}.paired THEN {t}.round WHEN {t}.kind IN {admin} AND {pt}.paired THEN {pt}.round END"
+# The pair's names (in order of their verdicts) and then the label's verdict's reviewer (the adjudicator,
+# who answers last) unless already among them; one name when there was no pair; NULL for an import, like
+# ``reviewer``.
+_REVIEWERS_SQL = (
+    "CASE WHEN v.id IS NULL THEN NULL WHEN rv.names IS NULL THEN ARRAY[u.username::text]"
+    " WHEN u.username = ANY(rv.names) THEN rv.names ELSE rv.names || u.username::text END"
+)
+
+
+def _final_round_sql(spec: ExportSpec, label_ids: list[int] | None = None) -> tuple[str, list[Any]]:
+    """Rows (label_id, username, first_at): each person who gave a verdict in the final round of a label of
+    the snapshot that more than one verdict may have produced (a double review, an adjudication or an
+    escalation): the pair's verdicts of _PAIR_ROUND_SQL's round and the label's own. Verdicts count as of
+    the cut-off (withdrawn after it still count), so a snapshot reproduces. Portable SQL: the SQLite path
+    and the reviewer filter use it; the COPY path's _from gives the same names from a cheaper join."""
+    snap = spec.snapshot
+    pair_round = _PAIR_ROUND_SQL.format(t="lt", pt="pt", admin=_ADMIN_KINDS_SQL)
+    # Only constants are interpolated (the kinds); every value is a parameter.
+    sql = f"""
+SELECT fl.id AS label_id, fu.username AS username, min(fv.created_at) AS first_at
+FROM review_label fl
+JOIN review_verdict lv ON lv.id = fl.verdict_id
+JOIN review_reviewtask lt ON lt.id = lv.task_id
+LEFT JOIN review_reviewtask pt ON pt.id = lt.parent_id
+JOIN review_verdict fv ON fv.item_id = fl.item_id
+JOIN review_reviewtask ft ON ft.id = fv.task_id
+JOIN auth_user fu ON fu.id = fv.reviewer_id
+WHERE fl.source_id = %s AND fl.id <= %s AND fl.created_at <= %s AND (fl.withdrawn_at IS NULL OR fl.withdrawn_at > %s)
+  AND (lt.paired OR lt.kind IN {_ADMIN_KINDS_SQL})
+  AND fv.created_at <= %s AND (fv.withdrawn_at IS NULL OR fv.withdrawn_at > %s)
+  AND (fv.id = lv.id OR (ft.paired AND ft.round = {pair_round}))"""  # noqa: S608
+    params: list[Any] = [spec.source.pk, snap.max_label_id, snap.cutoff, snap.cutoff, snap.cutoff, snap.cutoff]
+    if label_ids is not None:
+        sql += f"\n  AND fl.id IN ({', '.join(['%s'] * len(label_ids))})"
+        params += label_ids
+    return sql + "\nGROUP BY fl.id, fu.username", params
+
+
+def _from(spec: ExportSpec) -> tuple[str, list[Any]]:
+    """_FROM and, for the reviewers, the label's verdict's task and a join to one aggregate of the source's
+    double reviews, by (item, round): the names of the pair in order of their verdicts, then by code point,
+    so the same snapshot gives the same list. A subquery per row (or an aggregate keyed by label, which
+    scans the labels and verdicts again) cost 2.5x and 1.5x the export's time; this about 1.25x on reviewed
+    rows and 1.1x on imports (docs/benchmarks.md)."""
+    snap = spec.snapshot
+    pair_round = _PAIR_ROUND_SQL.format(t="t", pt="pt", admin=_ADMIN_KINDS_SQL)
+    names = 'array_agg(y.username::text ORDER BY y.first_at, y.username COLLATE "C")'
+    join = f"""LEFT JOIN review_reviewtask t ON t.id = v.task_id
+LEFT JOIN review_reviewtask pt ON pt.id = t.parent_id
+LEFT JOIN (SELECT y.item_id, y.round, {names} AS names FROM (
+  SELECT ft.item_id, ft.round, fu.username, min(fv.created_at) AS first_at
+  FROM review_reviewtask ft
+  JOIN review_verdict fv ON fv.task_id = ft.id
+  JOIN auth_user fu ON fu.id = fv.reviewer_id
+  WHERE ft.source_id = %s AND ft.paired AND fv.created_at <= %s AND (fv.withdrawn_at IS NULL OR fv.withdrawn_at > %s)
+  GROUP BY ft.item_id, ft.round, fu.username) y GROUP BY y.item_id, y.round
+) rv ON rv.item_id = l.item_id AND rv.round = {pair_round}
+"""  # noqa: S608
+    return _FROM + join, [spec.source.pk, snap.cutoff, snap.cutoff]
+
+
 def export_columns(source: Source, *, include_raw: bool = False) -> list[Column]:
     iso = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')"
     cols = [Column("source", "string", "s.slug", True), Column("external_id", "string", "i.external_id", True)]
@@ -121,6 +197,7 @@ def export_columns(source: Source, *, include_raw: bool = False) -> list[Column]
         Column("label", "string", "l.label", True),
         Column("label_origin", "string", "l.origin"),
         Column("reviewer", "string", "u.username", True),
+        Column("reviewers", LIST_OF_STRINGS, _REVIEWERS_SQL, True),
         Column("verdict_at", "timestamp", iso.format("v.created_at")),
         Column("handling_ms", "int64", "v.handling_ms"),
         Column("model_version", "int64", "mv.version"),
@@ -188,8 +265,11 @@ def _where(spec: ExportSpec) -> tuple[str, list[Any]]:
     if f.qa_only:
         clauses.append("l.origin = 'qa'")
     if f.reviewer:
-        clauses.append("u.username = %s")
-        params.append(f.reviewer)
+        # Any of the label's reviewers: the verdict's own, or one of its final round's.
+        final, final_params = _final_round_sql(spec)
+        in_final = f"SELECT fr.label_id FROM ({final}) fr WHERE fr.username = %s"  # noqa: S608
+        clauses.append(f"(u.username = %s OR l.id IN ({in_final}))")
+        params += [f.reviewer, *final_params, f.reviewer]
     if f.model_version is not None:
         clauses.append("mv.version = %s")
         params.append(f.model_version)
@@ -217,12 +297,17 @@ def _neutralised(expr: str) -> str:
 
 
 def _select_sql(spec: ExportSpec, *, csv_safe: bool) -> tuple[str, list[Any]]:
+    """One text value per column (a list joined with ";" for CSV, with _LIST_SEP on its way to Parquet)."""
     exprs = []
     for col in spec.columns:
-        expr = _neutralised(col.sql) if csv_safe and col.is_text else col.sql
+        expr = col.sql
+        if col.arrow_type == LIST_OF_STRINGS:
+            expr = f"array_to_string({expr}, {_quote_key(';' if csv_safe else _LIST_SEP)})"
+        expr = _neutralised(expr) if csv_safe and col.is_text else expr
         exprs.append(f"{expr} AS {_quote_ident(col.name)}")
+    from_sql, from_params = _from(spec)
     where, params = _where(spec)
-    return f"SELECT {', '.join(exprs)} {_FROM} WHERE {where} ORDER BY l.id", params
+    return f"SELECT {', '.join(exprs)} {from_sql} WHERE {where} ORDER BY l.id", from_params + params
 
 
 def _bound(sql: str, params: list[Any]) -> str:
@@ -297,6 +382,8 @@ def jsonl_values(spec: ExportSpec) -> list[tuple[str, str]]:
             values.append((col.name, "i.payload::text"))
         elif col.arrow_type == "int64":
             values.append((col.name, f"({col.sql})::text"))
+        elif col.arrow_type == LIST_OF_STRINGS:  # a JSON array, as json_build_object writes a text[]
+            values.append((col.name, f"to_json({col.sql})::text"))
         else:
             values.append((col.name, f"to_json({col.sql})::text"))
     return values
@@ -329,11 +416,12 @@ def _pg_jsonl(spec: ExportSpec) -> Iterator[bytes]:
     parts = []
     for n, (name, value) in enumerate(jsonl_values(spec)):
         parts += [_quote_key(("{" if n == 0 else ", ") + pg_json_escape(name) + " : "), f"coalesce({value}, 'null')"]
+    from_sql, from_params = _from(spec)
     where, params = _where(spec)
-    sql = f"SELECT {' || '.join(parts)} || '}}' {_FROM} WHERE {where} ORDER BY l.id"
+    sql = f"SELECT {' || '.join(parts)} || '}}' {from_sql} WHERE {where} ORDER BY l.id"
     # CSV format with quote and delimiter bytes that JSON text never holds raw: each line is the JSON as is.
     yield from _copy_chunks(
-        f"COPY ({_bound(sql, params)}) TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')",
+        f"COPY ({_bound(sql, from_params + params)}) TO STDOUT WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')",
         _raw_connection(),
     )
 
@@ -370,6 +458,7 @@ def _arrow_schema(cols: list[Column]) -> Any:
         "int64": pa.int64(),
         "bool": pa.bool_(),
         "timestamp": pa.timestamp("us", tz="UTC"),
+        LIST_OF_STRINGS: pa.list_(pa.string()),
     }
     return pa.schema([(c.name, types[c.arrow_type]) for c in cols])
 
@@ -412,12 +501,14 @@ def _pg_parquet(spec: ExportSpec, on_rows: OnRows = None) -> Iterator[bytes]:
 
     cols = spec.columns
     schema = _arrow_schema(cols)
+    # CSV has no lists: a list column arrives as text joined with _LIST_SEP and is split per batch.
+    text_schema = _arrow_schema([Column(c.name, "string", "") if c.arrow_type == LIST_OF_STRINGS else c for c in cols])
     sql, params = _select_sql(spec, csv_safe=False)
     reader = _csv_batches(
         f"COPY ({_bound(sql, params)}) TO STDOUT WITH (FORMAT csv, HEADER false)",
         pacsv.ReadOptions(column_names=[c.name for c in cols], block_size=8 << 20),
         pacsv.ConvertOptions(
-            column_types=schema,
+            column_types=text_schema,
             check_utf8=False,
             # Only an unquoted empty field is SQL NULL; text such as "NA" or "null" stays text.
             null_values=[""],
@@ -425,14 +516,45 @@ def _pg_parquet(spec: ExportSpec, on_rows: OnRows = None) -> Iterator[bytes]:
             quoted_strings_can_be_null=False,
         ),
     )
-    yield from _parquet_from_batches(schema, reader, on_rows)
+    lists = [n for n, c in enumerate(cols) if c.arrow_type == LIST_OF_STRINGS]
+    yield from _parquet_from_batches(schema, (_split_lists(batch, schema, lists) for batch in reader), on_rows)
+
+
+def _split_lists(batch: Any, schema: Any, positions: list[int]) -> Any:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arrays = batch.columns
+    for n in positions:  # a null stays null (no verdict); a name never holds the separator
+        arrays[n] = pc.split_pattern(arrays[n], _LIST_SEP)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 # --- the portable path (SQLite and anything else) -------------------------------------------------------
 
 
+def _final_round_names(spec: ExportSpec, labels: list[Label]) -> dict[int, list[str]]:
+    """The reviewers of those of ``labels`` that went through more than one verdict, in the COPY path's order."""
+    ids = [
+        lab.pk for lab in labels if lab.verdict and (lab.verdict.task.paired or lab.verdict.task.kind in _ADMIN_KINDS)
+    ]
+    if not ids:
+        return {}
+    sql, params = _final_round_sql(spec, ids)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        found = cursor.fetchall()
+    names: dict[int, list[str]] = {}
+    # Code point order of the names, as COLLATE "C" on PostgreSQL; SQLite gives the time back as text in
+    # one fixed format, which sorts as the time does.
+    for label_id, username, _ in sorted(found, key=lambda r: (r[0], r[2], r[1])):
+        names.setdefault(label_id, []).append(username)
+    return names
+
+
 def _python_rows(spec: ExportSpec) -> Iterator[dict[str, Any]]:
     from django.db.models import Q
+    from django.db.models.expressions import RawSQL
 
     f, snap = spec.filters, spec.snapshot
     qs = Label.objects.filter(
@@ -441,7 +563,11 @@ def _python_rows(spec: ExportSpec) -> Iterator[dict[str, Any]]:
         id__lte=snap.max_label_id,
         created_at__lte=snap.cutoff,
     ).select_related(
-        "item__schema_version", "verdict__reviewer", "decision__prediction__model_version", "decision__policy"
+        "item__schema_version",
+        "verdict__reviewer",
+        "verdict__task",
+        "decision__prediction__model_version",
+        "decision__policy",
     )
     if f.since:
         qs = qs.filter(created_at__gte=f.since)
@@ -454,37 +580,60 @@ def _python_rows(spec: ExportSpec) -> Iterator[dict[str, Any]]:
     if f.qa_only:
         qs = qs.filter(origin=Label.Origin.QA)
     if f.reviewer:
-        qs = qs.filter(verdict__reviewer__username=f.reviewer)
+        final, final_params = _final_round_sql(spec)
+        # The same portable SQL as the COPY path's filter; values are parameters.
+        in_final = RawSQL(  # noqa: S611
+            f"SELECT fr.label_id FROM ({final}) fr WHERE fr.username = %s",  # noqa: S608
+            [*final_params, f.reviewer],
+        )
+        qs = qs.filter(Q(verdict__reviewer__username=f.reviewer) | Q(id__in=in_final))
     if f.model_version is not None:
         qs = qs.filter(decision__prediction__model_version__version=f.model_version)
     payload_names = [name for name, _ in _payload_fields(spec.source)]
-    for lab in qs.order_by("id").iterator(chunk_size=2000):
-        item, verdict, decision = lab.item, lab.verdict, lab.decision
-        if f.agreed_only:
-            answers = item.verdicts.filter(withdrawn_at__isnull=True, created_at__lte=snap.cutoff)
-            if answers.values("reviewer").distinct().count() < 2 or answers.exclude(label=lab.label).exists():
-                continue
-        prediction = decision.prediction if decision else None
-        row: dict[str, Any] = {"source": spec.source.slug, "external_id": item.external_id}
-        row.update({name: item.payload.get(name) for name in payload_names})
-        row.update(
-            label=lab.label,
-            label_origin=lab.origin,
-            reviewer=verdict.reviewer.get_username() if verdict else None,
-            verdict_at=verdict.created_at if verdict else None,
-            handling_ms=verdict.handling_ms if verdict else None,
-            model_version=prediction.model_version.version if prediction else None,
-            predicted_label=prediction.top_label if prediction else None,
-            confidence=prediction.confidence if prediction else None,
-            prediction_set=prediction.prediction_set if prediction else None,
-            policy_version=decision.policy.version if decision and decision.policy else None,
-            schema_version=item.schema_version.label,
-            batch_id=item.batch_id,
-            labeled_at=lab.created_at,
-        )
-        if spec.include_raw:
-            row["payload_json"] = item.payload
-        yield row
+    for chunk in _chunks(qs.order_by("id").iterator(chunk_size=2000), 2000):
+        names = _final_round_names(spec, chunk)
+        for lab in chunk:
+            row = _python_row(spec, lab, payload_names, names)
+            if row is not None:
+                yield row
+
+
+def _chunks(rows: Iterator[Label], size: int) -> Iterator[list[Label]]:
+    while chunk := list(itertools.islice(rows, size)):
+        yield chunk
+
+
+def _python_row(
+    spec: ExportSpec, lab: Label, payload_names: list[str], names: dict[int, list[str]]
+) -> dict[str, Any] | None:
+    f, snap = spec.filters, spec.snapshot
+    item, verdict, decision = lab.item, lab.verdict, lab.decision
+    if f.agreed_only:
+        answers = item.verdicts.filter(withdrawn_at__isnull=True, created_at__lte=snap.cutoff)
+        if answers.values("reviewer").distinct().count() < 2 or answers.exclude(label=lab.label).exists():
+            return None
+    prediction = decision.prediction if decision else None
+    row: dict[str, Any] = {"source": spec.source.slug, "external_id": item.external_id}
+    row.update({name: item.payload.get(name) for name in payload_names})
+    row.update(
+        label=lab.label,
+        label_origin=lab.origin,
+        reviewer=verdict.reviewer.get_username() if verdict else None,
+        reviewers=names.get(lab.pk, [verdict.reviewer.get_username()]) if verdict else None,
+        verdict_at=verdict.created_at if verdict else None,
+        handling_ms=verdict.handling_ms if verdict else None,
+        model_version=prediction.model_version.version if prediction else None,
+        predicted_label=prediction.top_label if prediction else None,
+        confidence=prediction.confidence if prediction else None,
+        prediction_set=prediction.prediction_set if prediction else None,
+        policy_version=decision.policy.version if decision and decision.policy else None,
+        schema_version=item.schema_version.label,
+        batch_id=item.batch_id,
+        labeled_at=lab.created_at,
+    )
+    if spec.include_raw:
+        row["payload_json"] = item.payload
+    return row
 
 
 def neutralise_cell(value: Any) -> Any:
@@ -509,15 +658,16 @@ def _csv_cell(value: Any, is_text: bool) -> Any:
     return neutralise_cell(value) if is_text else value
 
 
-def _flat(row: dict[str, Any]) -> dict[str, Any]:
-    """Parquet keeps nested values as JSON text columns."""
-    return {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()}
+def _flat(row: dict[str, Any], lists: set[str]) -> dict[str, Any]:
+    """Parquet keeps nested values as JSON text columns, except the typed list columns."""
+    return {k: json.dumps(v) if isinstance(v, list | dict) and k not in lists else v for k, v in row.items()}
 
 
 def _python_stream(spec: ExportSpec, on_rows: OnRows = None) -> Iterator[bytes]:
     cols = spec.columns
     names = [c.name for c in cols]
     text_cols = {c.name for c in cols if c.is_text}
+    lists = {c.name for c in cols if c.arrow_type == LIST_OF_STRINGS}
     if spec.fmt == "parquet":
         import pyarrow as pa
 
@@ -528,10 +678,10 @@ def _python_stream(spec: ExportSpec, on_rows: OnRows = None) -> Iterator[bytes]:
             for row in _python_rows(spec):
                 chunk.append(row)
                 if len(chunk) >= 20000:
-                    yield pa.RecordBatch.from_pylist([_flat(r) for r in chunk], schema=schema)
+                    yield pa.RecordBatch.from_pylist([_flat(r, lists) for r in chunk], schema=schema)
                     chunk = []
             if chunk:
-                yield pa.RecordBatch.from_pylist([_flat(r) for r in chunk], schema=schema)
+                yield pa.RecordBatch.from_pylist([_flat(r, lists) for r in chunk], schema=schema)
 
         yield from _parquet_from_batches(schema, batches(), on_rows)
         return
@@ -541,7 +691,8 @@ def _python_stream(spec: ExportSpec, on_rows: OnRows = None) -> Iterator[bytes]:
         writer.writerow(names)
     for n, row in enumerate(_python_rows(spec), start=1):
         if spec.fmt == "csv":
-            writer.writerow([_csv_cell(row[c], c in text_cols) for c in names])
+            cells = {c: ";".join(row[c]) if c in lists and row[c] is not None else row[c] for c in names}
+            writer.writerow([_csv_cell(cells[c], c in text_cols) for c in names])
         else:
             buffer.write(json.dumps({c: _iso(row[c]) for c in names}, separators=(",", ":")) + "\n")
         if n % 1000 == 0:

@@ -237,7 +237,8 @@ def work(request: HttpRequest) -> HttpResponse:
     the next item with a POST (htmx on load, or the button without JavaScript)."""
     _form, source, queue_name = _claim_form(request)
     kinds = services.QUEUE_KINDS[queue_name]
-    task = selectors.task_for_user(user=request.user, source=source)
+    # The held task comes with its item and everything the item view shows, in one query.
+    task = selectors.task_for_user(user=request.user, source=source, with_item=True)
     if task is not None and task.kind not in kinds:
         task = None
     context: dict[str, Any] = {"selected_source": source, "can_adjudicate": can(request.user, "adjudicate")}

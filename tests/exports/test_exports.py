@@ -280,7 +280,7 @@ def _json_build_object_reference(spec: ExportSpec) -> bytes:
     """The JSON lines as PostgreSQL's own json_build_object writes them: the format the export must keep."""
     from django.db import connection
 
-    from reviewapp.exports.services import _FROM, _quote_key, _where
+    from reviewapp.exports.services import _from, _quote_key, _where
 
     pairs = []
     for col in spec.columns:  # payload values, the prediction set and the raw payload as jsonb
@@ -288,9 +288,11 @@ def _json_build_object_reference(spec: ExportSpec) -> bytes:
         value = {"prediction_set": "p.prediction_set", "payload_json": "i.payload"}.get(col.name, value)
         pairs.append(f"{_quote_key(col.name)}, {value}")
     pairs = ", ".join(pairs)
+    from_sql, from_params = _from(spec)
     where, params = _where(spec)
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT json_build_object({pairs})::text {_FROM} WHERE {where} ORDER BY l.id", params)
+        sql = f"SELECT json_build_object({pairs})::text {from_sql} WHERE {where} ORDER BY l.id"
+        cursor.execute(sql, from_params + params)
         return b"".join((row[0] + "\n").encode() for row in cursor.fetchall())
 
 

@@ -127,10 +127,10 @@ def test_queue_counts_partial_shows_waiting_per_kind(analyst_client, source):
 
 def test_queue_query_count_is_flat(analyst_client, source, django_assert_max_num_queries):
     make_scored_items(source, [("legit", 0.5 + i / 100) for i in range(40)])
-    # session, user, groups/perms, page, sources, batches, 2 count statements, nav caps
-    with django_assert_max_num_queries(12):
+    # session, user, permissions (one query, cached for the request), page, sources, batches, 2 counts...
+    with django_assert_max_num_queries(10):
         assert analyst_client.get(reverse("review:queue"), {"source": "payments", "label": "legit"}).status_code == 200
-    with django_assert_max_num_queries(8):
+    with django_assert_max_num_queries(6):
         assert analyst_client.get(reverse("review:queue_counts"), **HX).status_code == 200
 
 
@@ -204,15 +204,15 @@ def test_undo_brings_the_last_item_back_and_releases_the_shown_one(analyst_clien
 def test_work_item_view_query_count(analyst_client, analyst, source, django_assert_max_num_queries):
     make_scored_items(source, [("legit", 0.5), ("legit", 0.6)], batch=make_batch(source, user=analyst))
     task_claim_next(user=analyst)
-    # session, user, 2 permission lookups, the held task, the undoable verdict, the item with its relations
-    with django_assert_max_num_queries(8):
+    # session, user, permissions (one query), the held task with its item and relations, the undoable verdict
+    with django_assert_max_num_queries(5):
         assert analyst_client.get(reverse("review:work")).status_code == 200
-    with django_assert_max_num_queries(10):  # + the item, its tasks, verdicts, decisions and action runs
+    with django_assert_max_num_queries(8):  # the look-up below + auth (3) + the item, tasks, verdicts, decisions
         held = ReviewTask.objects.get(state="claimed").item_id
         assert analyst_client.get(reverse("review:item_history", args=[held]), **HX).status_code == 200
     item_id = ReviewTask.objects.get(state="claimed").item_id
-    with django_assert_max_num_queries(23):
-        # auth (4) + the item (1) + verdict: locks, writes, action configs, one audit append (13, with its
+    with django_assert_max_num_queries(22):
+        # auth (3) + the item (1) + verdict: locks, writes, action configs, one audit append (13, with its
         # transaction) + next claim: one statement and one audit append (4) + its item view (1); the undo
         # line shows the verdict just recorded, without looking it up again
         html = analyst_client.post(reverse("review:verdict", args=[item_id]), {"label": "legit"}, **HX)
@@ -241,7 +241,7 @@ def test_item_page_shows_explanation_history_and_action_runs(analyst_client, ana
     item = _explained(source, "refund <b>now</b> at the shop")
     task_claim_next(user=analyst)
     verdict_submit(user=analyst, item=item, label="fraud", note="refund scam")
-    with django_assert_max_num_queries(14):
+    with django_assert_max_num_queries(10):
         response = analyst_client.get(reverse("review:item", args=[item.pk]))
     html = response.content.decode()
     assert response.status_code == 200 and 'id="explanation"' in html
