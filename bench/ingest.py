@@ -315,14 +315,21 @@ def main() -> None:
     parser.add_argument("--data-dir", default=os.environ.get("BENCH_DATA_DIR", "/tmp/reviewapp-bench-ingest"))
     parser.add_argument("--rebuild", action="store_true", help="rebuild the template database")
     parser.add_argument("--skip-score", action="store_true")
+    parser.add_argument("--score-only", action="store_true",
+                        help="only ingest + score + route (with its raw COPY baseline); no ingest-alone runs")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="SCORING_CHUNK_SIZE for the ingest process and the worker (default: the settings')")
     args = parser.parse_args()
+    if args.chunk_size is not None:
+        os.environ["SCORING_CHUNK_SIZE"] = str(args.chunk_size)  # children inherit it (run_child, Worker)
 
     url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DB)
     server, base = server_and_base(url)
     template_url, run_url = f"{server}/{base}_ingest_tpl", f"{server}/{base}_ingest_run"
     data = Path(args.data_dir)
-    big = make_files(data, args.rows, args.history)
-    mid = make_files(data, args.rss_rows, args.history)
+    # --score-only needs no large file: the history file is what the template is built from.
+    big = make_files(data, args.score_rows if args.score_only else args.rows, args.history)
+    mid = big if args.score_only else make_files(data, args.rss_rows, args.history)
     small = make_files(data, args.score_rows, args.history)
 
     if args.rebuild or not database_exists(template_url):
@@ -339,19 +346,20 @@ def main() -> None:
                                      "items_base": [], "items_ratio": [], "score_rss": [], "worker_max": [],
                                      "worker_sum": []})
         for run in range(args.runs):
-            fresh_copy(template_url, run_url)
-            base_s = baseline(run_url, big[fmt], fmt)
-            result, rss = ingest(run_url, big[fmt], quiet=True)
-            ours = args.rows / (result["done"] - result["start"])
-            r["ours"].append(ours)
-            r["base"].append(args.rows / base_s)
-            r["ratio"].append(ours / (args.rows / base_s))
-            r["rss"].append(rss)
-            print(f"{fmt} run {run + 1}: ingest {ours:,.0f} rows/s, raw COPY {args.rows / base_s:,.0f} rows/s, "
-                  f"peak RSS {rss / 1024:.0f} MB", file=sys.stderr)
-            fresh_copy(template_url, run_url)
-            _, rss_mid = ingest(run_url, mid[fmt], quiet=True)
-            r["rss_small"].append(rss_mid)
+            if not args.score_only:
+                fresh_copy(template_url, run_url)
+                base_s = baseline(run_url, big[fmt], fmt)
+                result, rss = ingest(run_url, big[fmt], quiet=True)
+                ours = args.rows / (result["done"] - result["start"])
+                r["ours"].append(ours)
+                r["base"].append(args.rows / base_s)
+                r["ratio"].append(ours / (args.rows / base_s))
+                r["rss"].append(rss)
+                print(f"{fmt} run {run + 1}: ingest {ours:,.0f} rows/s, raw COPY {args.rows / base_s:,.0f} rows/s, "
+                      f"peak RSS {rss / 1024:.0f} MB", file=sys.stderr)
+                fresh_copy(template_url, run_url)
+                _, rss_mid = ingest(run_url, mid[fmt], quiet=True)
+                r["rss_small"].append(rss_mid)
             if not args.skip_score:
                 fresh_copy(template_url, run_url)
                 # The same run's raw COPY of the same (small) file: the ratio is comparable across machines.
@@ -369,10 +377,13 @@ def main() -> None:
                       f"{largest / 1024:.0f} MB per process, {total / 1024:.0f} MB in all", file=sys.stderr)
     admin_execute(run_url, f'DROP DATABASE IF EXISTS "{base}_ingest_run" WITH (FORCE)')
 
-    print(f"\ningest alone, {args.rows:,} rows, median of {args.runs}:")
-    print(f"{'format':<8} {'rows/s':>10} {'raw COPY rows/s':>16} {'ratio':>6} {'peak RSS MB':>12} "
-          f"{'RSS at ' + format(args.rss_rows, ','):>16}")
+    if not args.score_only:
+        print(f"\ningest alone, {args.rows:,} rows, median of {args.runs}:")
+        print(f"{'format':<8} {'rows/s':>10} {'raw COPY rows/s':>16} {'ratio':>6} {'peak RSS MB':>12} "
+              f"{'RSS at ' + format(args.rss_rows, ','):>16}")
     for fmt, r in results.items():
+        if not r["ours"]:
+            continue
         small_rss = f"{max(r['rss_small']) / 1024:.0f}" if r["rss_small"] else "-"
         print(f"{fmt:<8} {median(r['ours']):>10,.0f} {median(r['base']):>16,.0f} {median(r['ratio']):>6.2f} "
               f"{max(r['rss']) / 1024:>12.0f} {small_rss:>16}")

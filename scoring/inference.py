@@ -159,17 +159,24 @@ def _predict(model: TrainedModel, frame: pd.DataFrame, label_set: list[str], *, 
     explanations: list[dict[str, Any]] | None = None
     if explain:
         explanations = explain_rows(model, frame, [label_set[int(j)] for j in order[:, 0]], X=X)
-    # Not rounded: a policy threshold is compared with exactly what the model said.
+    # Not rounded: a policy threshold is compared with exactly what the model said. Columns are built over whole
+    # arrays and turned into Python objects with one tolist() each: per-element numpy scalar access was ~15% of a
+    # worker's time at 2,000 rows per chunk.
+    ranked_labels = np.asarray(list(label_set), dtype=object)[order].tolist()
+    ranked_proba = np.take_along_axis(proba, order, axis=1).tolist()
+    # Without a conformal quantile every set is empty: no member in any row.
+    ranked_members = (np.take_along_axis(members, order, axis=1) if members is not None
+                      else np.zeros(order.shape, dtype=bool)).tolist()
     labels = list(label_set)
     rows = []
-    for i in range(len(frame)):
-        ranked = order[i]
+    for i, (row_proba, names, values, inside) in enumerate(
+            zip(proba.tolist(), ranked_labels, ranked_proba, ranked_members, strict=True)):
         rows.append(PredictionRow(
-            probabilities={labels[k]: float(proba[i, k]) for k in range(len(labels))},
-            top_label=labels[int(ranked[0])],
-            confidence=float(proba[i, ranked[0]]),
-            alternatives=[[labels[int(k)], float(proba[i, k])] for k in ranked[1:]],
-            prediction_set=[labels[int(k)] for k in ranked if members is not None and members[i, k]],
+            probabilities=dict(zip(labels, row_proba, strict=True)),
+            top_label=names[0],
+            confidence=values[0],
+            alternatives=[[name, value] for name, value in zip(names[1:], values[1:], strict=True)],
+            prediction_set=[name for name, member in zip(names, inside, strict=True) if member],
             explanation=explanations[i] if explanations else None,
         ))
     return rows

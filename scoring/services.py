@@ -876,12 +876,14 @@ _PREDICTION_STAGE = [("item_id", "bigint"), ("probabilities", "text"), ("top_lab
 
 
 def _predictions_insert(*, model_version: ModelVersion, ids: list[int], predictions: dict[int, PredictionRow],
-                        now: datetime) -> None:
+                        now: datetime) -> list[tuple[int, int, str, float]] | None:
     """Insert the predictions of locked ``ids`` (one per item and version: an item sent back to ``received`` keeps
-    its earlier prediction by this version) and point the items at them, state ``scored``.
+    its earlier prediction by this version).
 
     PostgreSQL: one COPY into a staging table, one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` and one
-    ``UPDATE ... FROM``; elsewhere the ORM's bulk path."""
+    ``SELECT`` of each item's prediction by this version (item id, prediction id, top label, confidence, by item
+    id), which routing then writes onto the items with their route in one UPDATE. Elsewhere the ORM's bulk path,
+    which points the items at their predictions (state ``scored``) and returns None: routing re-reads them."""
     if connection.vendor == "postgresql":
         dumps = json.dumps
         rows = (
@@ -899,13 +901,14 @@ def _predictions_insert(*, model_version: ModelVersion, ids: list[int], predicti
                 " ORDER BY s.item_id ON CONFLICT (item_id, model_version_id) DO NOTHING",
                 [model_version.pk, now],
             )
+            # The stored prediction, not the one just made: an earlier one by this version wins the conflict.
             cursor.execute(
-                "UPDATE ingest_item AS i SET prediction_id = p.id, state = %s, state_changed_at = %s"
-                " FROM scoring_prediction_stage AS s JOIN scoring_prediction AS p"
-                " ON p.item_id = s.item_id AND p.model_version_id = %s WHERE i.id = s.item_id",
-                [str(Item.State.SCORED), now, model_version.pk],
+                "SELECT s.item_id, p.id, p.top_label, p.confidence FROM scoring_prediction_stage AS s"
+                " JOIN scoring_prediction AS p ON p.item_id = s.item_id AND p.model_version_id = %s"
+                " ORDER BY s.item_id",
+                [model_version.pk],
             )
-        return
+            return cursor.fetchall()
     Prediction.objects.bulk_create([
         Prediction(item_id=pk, model_version=model_version, probabilities=row.probabilities, top_label=row.top_label,
                    confidence=row.confidence, alternatives=row.alternatives, prediction_set=row.prediction_set,
@@ -920,13 +923,14 @@ def _predictions_insert(*, model_version: ModelVersion, ids: list[int], predicti
         state=Item.State.SCORED,
         state_changed_at=now,
     )
+    return None
 
 
 def _items_write_predictions(
     *, model_version: ModelVersion, model: TrainedModel, items: dict[int, ScoringItem],
     predictions: dict[int, PredictionRow],
 ) -> dict[str, Any]:
-    from reviewapp.review.services import _items_route_locked
+    from reviewapp.review.services import _items_route_locked, items_route_rows_locked
 
     now = timezone.now()
     with transaction.atomic():
@@ -938,14 +942,23 @@ def _items_write_predictions(
         if not ids:
             # Scored meanwhile by another worker (a late or redelivered message): nothing to do, same keys.
             return {"scored": 0, "routed": 0, "ids": [], "explained": 0}
-        _predictions_insert(model_version=model_version, ids=ids, predictions=predictions, now=now)
+        stored = _predictions_insert(model_version=model_version, ids=ids, predictions=predictions, now=now)
         labels = Counter(predictions[pk].top_label for pk in ids)
         entries = [AuditEntry(
             "items.scored", "model_version", model_version.pk,
             after={"scored": len(ids), "source": model_version.source_id, "model_version": model_version.version,
                    "top_labels": dict(labels), "first_item_id": ids[0], "last_item_id": ids[-1]},
         )]
-        routed, route_entry = _items_route_locked(item_ids=ids)
+        if stored is None:
+            routed, route_entry = _items_route_locked(item_ids=ids)
+        else:
+            # One UPDATE per item: routing sets the prediction along with the route (the items are locked above).
+            mv_id = model_version.pk
+            routed, route_entry = items_route_rows_locked(
+                rows=[(pk, items[pk].source_id, prediction_id, top_label, confidence, mv_id)
+                      for pk, prediction_id, top_label, confidence in stored],
+                skipped=len(ids) - len(stored), set_prediction=True,
+            )
         explained = _explain_for_review(model_version=model_version, model=model, items=items, ids=ids,
                                         predictions=predictions)
         if route_entry is not None:

@@ -253,6 +253,9 @@ class RoutePlan:
     items: list[tuple[int, str, int | None, str]] = field(default_factory=list)
     decisions: list[DecisionRow] = field(default_factory=list)
     tasks: list[TaskRow] = field(default_factory=list)
+    # Item id -> the prediction to point the item at in the same UPDATE (scoring writes an item's prediction and
+    # route in one statement); an item not in it keeps its own.
+    predictions: dict[int, int] = field(default_factory=dict)
 
 
 _ROUTE_STAGE = [("item_id", "bigint"), ("state", "text"), ("policy_id", "bigint"), ("reason", "text"),
@@ -267,14 +270,16 @@ def _route_plan_write_pg(plan: RoutePlan) -> list[tuple[int, int]]:
     created: list[tuple[int, int]] = []
     with connection.cursor() as cursor:
         rows = []
+        predictions = plan.predictions
         for item_id, state, policy_id, reason in plan.items:
             d = decided.get(item_id)
             rows.append((item_id, state, policy_id, reason, d is not None, d.label if d else None,
-                         d.prediction_id if d else None, d.model_version_id if d else None))
+                         predictions.get(item_id, d.prediction_id if d else None), d.model_version_id if d else None))
         copy_stage(cursor, table="review_route_stage", columns=_ROUTE_STAGE, rows=rows)
         cursor.execute(
             "UPDATE ingest_item AS i SET state = s.state, policy_id = s.policy_id, route_reason = s.reason,"
-            " state_changed_at = %s FROM review_route_stage AS s WHERE i.id = s.item_id",
+            " state_changed_at = %s, prediction_id = COALESCE(s.prediction_id, i.prediction_id)"
+            " FROM review_route_stage AS s WHERE i.id = s.item_id",
             [plan.now],
         )
         if plan.decisions:
@@ -331,7 +336,12 @@ def route_plan_write(plan: RoutePlan) -> list[int]:
         ], batch_size=1000)
         rows = [Item(pk=pk, state=state, policy_id=policy_id, route_reason=reason, state_changed_at=plan.now)
                 for pk, state, policy_id, reason in plan.items]
-        Item.objects.bulk_update(rows, ["state", "policy", "route_reason", "state_changed_at"], batch_size=1000)
+        fields = ["state", "policy", "route_reason", "state_changed_at"]
+        if plan.predictions:
+            for row in rows:
+                row.prediction_id = plan.predictions[row.pk]
+            fields.append("prediction")
+        Item.objects.bulk_update(rows, fields, batch_size=1000)
     if decisions and _any_actions(plan.sources):
         action_runs_create_for_decisions(decisions=decisions)
     return sorted(d.pk for d in decisions)
@@ -349,7 +359,6 @@ def _items_route_locked(*, item_ids: list[int]) -> tuple[dict[str, Any], AuditEn
     """The body of ``items_route`` without its audit write, for a caller that writes the event itself (scoring
     writes its events last, so the audit trail's lock is held only at the end of its transaction).
     Must run inside a transaction."""
-    now = timezone.now()
     # Narrow rows (no payload, no probabilities): only what the rule reads.
     rows = list(
         Item.objects.filter(pk__in=id_set(item_ids), state=Item.State.SCORED, prediction__isnull=False)
@@ -358,8 +367,22 @@ def _items_route_locked(*, item_ids: list[int]) -> tuple[dict[str, Any], AuditEn
         .values_list("pk", "source_id", "prediction_id", "prediction__top_label", "prediction__confidence",
                      "prediction__model_version_id")
     )
+    return items_route_rows_locked(rows=rows, skipped=len(set(item_ids)) - len(rows))
+
+
+RouteRow = tuple[int, int, int, str, float, int]  # item, source, prediction, top label, confidence, model version
+
+
+def items_route_rows_locked(
+    *, rows: list[RouteRow], skipped: int = 0, set_prediction: bool = False,
+) -> tuple[dict[str, Any], AuditEntry | None]:
+    """Route ``rows`` (item ids ascending, every item already locked by the caller's transaction) and return the
+    counts and the ``items.routed`` audit entry for the caller to write. With ``set_prediction`` the items are
+    also pointed at their prediction in the same UPDATE: scoring's one write per item and chunk instead of two
+    (an item's ``scored`` state was never visible outside that transaction anyway)."""
+    now = timezone.now()
     result: dict[str, Any] = {"routed": 0, "auto_decided": 0, "queued": 0, "qa_sampled": 0, "double_review": 0,
-                              "skipped": len(set(item_ids)) - len(rows)}
+                              "skipped": skipped}
     if not rows:
         return result, None
     policies = _current_policies({r[1] for r in rows})
@@ -368,7 +391,8 @@ def _items_route_locked(*, item_ids: list[int]) -> tuple[dict[str, Any], AuditEn
     if any(p.mode == Policy.Mode.TARGET_ERROR for p in policies.values()):
         model_versions = ModelVersion.objects.in_bulk({r[5] for r in rows})
     thresholds_cache: dict[tuple[int, int], tuple[dict[str, float] | None, str]] = {}
-    plan = RoutePlan(now=now, sources={r[1] for r in rows})
+    plan = RoutePlan(now=now, sources={r[1] for r in rows},
+                     predictions={r[0]: r[2] for r in rows} if set_prediction else {})
     auto_state, queued_state, qa_kind = str(Item.State.AUTO_DECIDED), str(Item.State.QUEUED), str(ReviewTask.Kind.QA)
     for item_id, source_id, prediction_id, top_label, confidence, model_version_id in rows:
         policy = policies.get(source_id)

@@ -166,6 +166,33 @@ def test_items_score_writes_one_prediction_per_item_and_is_idempotent(source, fr
     assert verbs().count("items.scored") == 1
 
 
+def test_an_item_scored_again_is_routed_by_its_stored_prediction_in_one_write(source, fresh: list[Item]) -> None:
+    """An item back in ``received`` that already has a prediction by the champion keeps that prediction (one per
+    item and version): the merged write points the item at the stored row and routes by what it says."""
+    from reviewapp.review.models import Decision
+
+    mv = services.model_train(source=source, actor=None)
+    earlier = Prediction.objects.create(
+        item=fresh[0], model_version=mv, probabilities={label: 0.0 for label in payments.LABELS},
+        top_label=payments.LABELS[-1], confidence=0.999, alternatives=[], prediction_set=[],
+        created_at=timezone.now(),
+    )
+    ids = [i.pk for i in fresh]
+    result = services.items_score(item_ids=ids)
+    assert result["scored"] == 150
+    assert Prediction.objects.filter(item_id__in=ids, model_version=mv).count() == 150
+    items = {i.pk: i for i in Item.objects.filter(pk__in=ids)}
+    # No item is left half-way: each has its prediction and its route, in one state after scoring.
+    assert all(i.state in (Item.State.AUTO_DECIDED, Item.State.QUEUED) and i.prediction_id for i in items.values())
+    assert all(i.prediction_id == Prediction.objects.get(item_id=pk, model_version=mv).pk for pk, i in items.items())
+    first = items[fresh[0].pk]
+    assert first.prediction_id == earlier.pk
+    for decision in Decision.objects.filter(item_id__in=ids):
+        assert decision.prediction_id == items[decision.item_id].prediction_id
+    if first.state == Item.State.AUTO_DECIDED:
+        assert Decision.objects.get(item=first, is_current=True).label == earlier.top_label
+
+
 def test_without_a_champion_every_item_goes_to_review(source, fresh: list[Item]) -> None:
     ids = [i.pk for i in fresh]
     result = services.items_score(item_ids=ids)
