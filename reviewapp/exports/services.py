@@ -23,6 +23,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -277,11 +278,13 @@ def _where(spec: ExportSpec) -> tuple[str, list[Any]]:
         # At least two reviewers answered the item, all with the same label.
         clauses.append(
             "(SELECT count(DISTINCT av.reviewer_id) FROM review_verdict av"
-            " WHERE av.item_id = i.id AND av.withdrawn_at IS NULL AND av.created_at <= %s) >= 2"
+            " WHERE av.item_id = i.id AND (av.withdrawn_at IS NULL OR av.withdrawn_at > %s)"
+            " AND av.created_at <= %s) >= 2"
             " AND NOT EXISTS (SELECT 1 FROM review_verdict dv WHERE dv.item_id = i.id"
-            " AND dv.withdrawn_at IS NULL AND dv.created_at <= %s AND dv.label <> l.label)"
+            " AND (dv.withdrawn_at IS NULL OR dv.withdrawn_at > %s) AND dv.created_at <= %s AND dv.label <> l.label)"
         )
-        params += [snap.cutoff, snap.cutoff]
+        # Verdicts as they stood at the cut-off (a later withdrawal changes nothing): same bytes at the same cut-off.
+        params += [snap.cutoff, snap.cutoff, snap.cutoff, snap.cutoff]
     return " AND ".join(clauses), params
 
 
@@ -609,7 +612,9 @@ def _python_row(
     f, snap = spec.filters, spec.snapshot
     item, verdict, decision = lab.item, lab.verdict, lab.decision
     if f.agreed_only:
-        answers = item.verdicts.filter(withdrawn_at__isnull=True, created_at__lte=snap.cutoff)
+        answers = item.verdicts.filter(
+            Q(withdrawn_at__isnull=True) | Q(withdrawn_at__gt=snap.cutoff), created_at__lte=snap.cutoff
+        )
         if answers.values("reviewer").distinct().count() < 2 or answers.exclude(label=lab.label).exists():
             return None
     prediction = decision.prediction if decision else None

@@ -207,3 +207,24 @@ def test_double_review_tasks_share_the_round_the_export_reads(reviewed):
     assert pair.count() == 2 and len({t.round for t in pair}) == 1 and all(t.paired for t in pair)
     adjudication = ReviewTask.objects.get(item=item, kind="adjudication")
     assert adjudication.parent_id in {t.pk for t in pair}
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["copy", "orm"])
+def test_agreed_only_is_pinned_by_the_snapshot(reviewed, portable):
+    """The agreed-only filter reads verdicts as they stood at the cut-off: withdrawing one of the agreeing
+    verdicts later changes nothing for that snapshot, and drops the item from a fresh export."""
+    source = reviewed["source"]
+    agreed = ExportFilters(agreed_only=True)
+
+    def export(snapshot: Snapshot) -> bytes:
+        spec = ExportSpec(source, "csv", agreed, snapshot)
+        return b"".join(_python_stream(spec) if portable else stream_export(spec))
+
+    snapshot = Snapshot.now()
+    first = export(snapshot)
+    assert _read("csv", first)["external_id"].tolist() == [reviewed["ids"]["agreed"]]
+    item = Item.objects.get(source=source, external_id=reviewed["ids"]["agreed"])
+    Verdict.objects.filter(item=item, reviewer__username="zed").update(withdrawn_at=timezone.now())
+    assert export(snapshot) == first
+    assert count_rows(ExportSpec(source, "csv", agreed, snapshot)) == 1
+    assert _read("csv", export(Snapshot.now())).empty
