@@ -28,6 +28,7 @@ def test_keyboard_flow(live_server, analyst, page, transactional_db):
     expect(page.locator("#confidence")).to_have_text("71.0%")
     expect(page.locator("#provenance")).to_contain_text("june.csv")
     first = item.get_attribute("data-item-id")
+    expect(item).to_have_attribute("data-prepared", "1")  # review.js has set the item's own key
     key = page.locator("#review-item input[name=idempotency_key]").input_value()
     assert UUID.match(key)
     page.evaluate("window.__marker = 'same-page'")

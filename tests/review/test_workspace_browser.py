@@ -37,6 +37,8 @@ def second_page(browser: Browser) -> Iterator[Page]:
 def _shown(page: Page) -> int:
     item = page.locator("#review-item")
     expect(item).to_be_visible(timeout=15000)
+    # review.js has prepared it (fresh idempotency key, clock): reading the key before that races it.
+    expect(item).to_have_attribute("data-prepared", "1")
     return int(item.get_attribute("data-item-id"))
 
 
