@@ -239,6 +239,21 @@ def test_export_job_end_to_end_with_live_worker(live_worker, tmp_path):
     assert not export_verify(job)
 
 
+# Text that needs every kind of escaping, and text that looks like a null.
+HOSTILE_TEXTS = [
+    'say "hi"',
+    "back\\slash",
+    "ctrl\x01\x02\x1f",
+    "line\nbreak\r\ttab\b\f",
+    "é ü 😀 \u2028",
+    "null",
+    "NA",
+    "",
+    "/slash",
+    "N/A",
+]
+
+
 def _hostile_source():
     """Rows whose text needs every kind of escaping, text that looks like a null, and missing values."""
     from reviewapp.ingest.models import Item
@@ -246,18 +261,7 @@ def _hostile_source():
     from tests.factories import make_payments_source
 
     source = make_payments_source(slug="hostile")
-    texts = [
-        'say "hi"',
-        "back\\slash",
-        "ctrl\x01\x02\x1f",
-        "line\nbreak\r\ttab\b\f",
-        "é ü 😀 \u2028",
-        "null",
-        "NA",
-        "",
-        "/slash",
-        "N/A",
-    ]
+    texts = HOSTILE_TEXTS
     reviewer = UserFactory(username='we"ird\\name', role="analyst")
     for n, text in enumerate(texts):
         make_labeled(
@@ -304,18 +308,7 @@ def test_jsonl_is_byte_identical_to_postgresql_json(db, include_raw):
     assert data == _json_build_object_reference(spec)
     rows = [json.loads(line) for line in data.splitlines()]
     assert len(rows) == 11
-    assert [r["description"] for r in rows[:10]] == [
-        'say "hi"',
-        "back\\slash",
-        "ctrl\x01\x02\x1f",
-        "line\nbreak\r\ttab\b\f",
-        "é ü 😀 \u2028",
-        "null",
-        "NA",
-        "",
-        "/slash",
-        "N/A",
-    ]
+    assert [r["description"] for r in rows[:10]] == HOSTILE_TEXTS
     assert rows[-1]["external_id"] == "NA" and rows[-1]["country"] is None and rows[0]["merchant_category"] is None
     assert rows[1]["reviewer"] == 'we"ird\\name' and rows[1]["confidence"] == 1e-05
 
