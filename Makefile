@@ -34,9 +34,16 @@ lint: install
 format: install
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
+# The suite runs against the real services (PostgreSQL, Redis, a live worker), by default the local ones;
+# set DATABASE_URL / CELERY_BROKER_URL / REVIEWAPP_SHARED_DATA to point elsewhere.
 test: install chromium
 	$(BIN)/ruff check .
-	REVIEWAPP_ENV=test $(BIN)/python -m pytest
+	REVIEWAPP_ENV=test \
+	DATABASE_URL="$${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}" \
+	TEST_DATABASE_NAME="$${TEST_DATABASE_NAME:-test_reviewapp}" \
+	CELERY_BROKER_URL="$${CELERY_BROKER_URL:-redis://127.0.0.1:6379/15}" \
+	REVIEWAPP_SHARED_DATA="$${REVIEWAPP_SHARED_DATA:-$(abspath ..)/shared/data}" \
+	$(BIN)/python -m pytest
 
 # Fault injection and concurrency at full size (10,000-item batch), then the figures into docs/reliability.md.
 # Full sizes (CHAOS_FULL=1): 10,000-item batch, 3 PostgreSQL restarts, 25 schemathesis examples per operation.
