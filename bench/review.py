@@ -14,7 +14,11 @@ Measured, each as p50/p95 in milliseconds:
   write stubbed out (what the audit write costs), and at 16 reviewers beside claim-next with the trail in one
   chain (``AUDIT_CHAINS=1``: one global lock, as before the trail was partitioned); the 16-reviewer claims
   run twice: in 16 threads of this process (they share the GIL) and in 16 forked processes (as gunicorn
-  workers would), each beside the bare claim run the same way;
+  workers would), each beside the bare claim run the same way. Those are the stress case: every reviewer
+  claims again the instant the last claim returns (over 1,000 claims/s on 2 cores, CPU-bound). A third
+  16-reviewer scenario is people at work: each of 16 processes claims, spends ``--think-ms`` on the item
+  (uniform 0.5x-1.5x, 1 s by default, a fast analyst), closes it and claims again, beside the bare claim
+  run the same way;
 - server time of the item view (the work page showing a held item; the read-only item page), Django's test
   client in-process, so the figure is the whole request through middleware and templates, without a socket;
 - server time of verdict + next item (the htmx POST that records the verdict and renders the next item);
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import threading
@@ -237,10 +242,18 @@ def run_threads(n: int, per_thread: int, work: Callable[[int], float]) -> list[f
     return timings
 
 
+def think(seconds: float) -> None:
+    """A reviewer reading the item before the next claim: uniform between half and 1.5x ``seconds``, so
+    reviewers drift apart instead of claiming in lockstep. 0 is the back-to-back stress case."""
+    if seconds > 0:
+        time.sleep(random.uniform(0.5 * seconds, 1.5 * seconds))
+
+
 def bench_claims(source: Any, users: list[Any], n_threads: int, per_thread: int, *, audit: bool = True,
-                 chains: int | None = None) -> list[float]:
+                 chains: int | None = None, think_s: float = 0.0) -> list[float]:
     """``audit=False`` stubs the audit write out; ``chains=1`` writes every event to one chain, which is
-    what the trail did before it was partitioned (one global lock held to commit)."""
+    what the trail did before it was partitioned (one global lock held to commit); ``think_s`` is each
+    reviewer's time on an item between claims (see ``think``)."""
     from django.conf import settings
 
     from reviewapp.review import services
@@ -258,6 +271,7 @@ def bench_claims(source: Any, users: list[Any], n_threads: int, per_thread: int,
             elapsed = time.perf_counter() - start
             assert task is not None
             finish_task(task.pk)
+            think(think_s)
             return elapsed
 
         return run_threads(n_threads, per_thread, one)
@@ -270,7 +284,7 @@ def bench_claims(source: Any, users: list[Any], n_threads: int, per_thread: int,
                 settings.AUDIT_CHAINS = original_chains
 
 
-def bench_bare(source: Any, users: list[Any], n_threads: int, per_thread: int) -> list[float]:
+def bench_bare(source: Any, users: list[Any], n_threads: int, per_thread: int, think_s: float = 0.0) -> list[float]:
     from django.db import connection, transaction
 
     def one(i: int) -> float:
@@ -280,6 +294,7 @@ def bench_bare(source: Any, users: list[Any], n_threads: int, per_thread: int) -
             (task_id,) = cursor.fetchone()
         elapsed = time.perf_counter() - start
         finish_task(task_id)
+        think(think_s)
         return elapsed
 
     return run_threads(n_threads, per_thread, one)
@@ -341,6 +356,9 @@ def main() -> None:
     parser.add_argument("--claims", type=int, default=400, help="claims per scenario (split over the threads)")
     parser.add_argument("--views", type=int, default=200, help="item views and verdicts")
     parser.add_argument("--runs", type=int, default=3, help="repeat and report the median of each figure")
+    parser.add_argument("--think-ms", type=float, default=1000.0,
+                        help="reviewers at work: mean time on an item between claims (uniform 0.5x-1.5x)")
+    parser.add_argument("--work-claims", type=int, default=20, help="claims per reviewer at work")
     args = parser.parse_args()
     url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DB)
     os.environ.setdefault("ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
@@ -383,6 +401,12 @@ def main() -> None:
                     one_p = bench_claims(source, users, n, per, chains=1)
                     figures[f"claim-next, one audit chain (before), {label}, processes"] = (
                         summary(one_p), bare_p, len(one_p))
+                    # 16 people working a queue: each claims, reads (think time), decides, claims again.
+                    work_s = args.think_ms / 1000
+                    bare_w = summary(bench_bare(source, users, n, args.work_claims, think_s=work_s))
+                    ours_w = bench_claims(source, users, n, args.work_claims, think_s=work_s)
+                    figures[f"claim-next, {label} at work (think {args.think_ms:.0f} ms), processes"] = (
+                        summary(ours_w), bare_w, len(ours_w))
                 finally:
                     PROCESSES["on"] = False
         views = bench_views(source, users[THREADS], args.views)

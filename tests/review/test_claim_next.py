@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from reviewapp.core.audit import audit_verify
@@ -26,6 +27,9 @@ def test_claim_next_is_one_statement_and_one_audit_write(django_assert_max_num_q
     with django_assert_max_num_queries(4):
         task = task_claim_next(user=user, source=source)
     assert task.state == "claimed" and task.claimed_by_id == user.pk
+    with connection.cursor() as cursor:  # a claim is a lease: its commit does not wait for the WAL flush
+        cursor.execute("SHOW synchronous_commit")
+        assert cursor.fetchone()[0] == "off"
     with django_assert_max_num_queries(3):  # the held claim: found and renewed by the same statement
         again = task_claim_next(user=user, source=source)
     assert again.pk == task.pk
