@@ -317,6 +317,12 @@ def _compensations(*, runs: Sequence[ActionRun], decision: Decision, now: Any) -
     return _insert_runs(out)
 
 
+def _override_reason(*, old_decision_id: int, new_decision_id: int) -> str:
+    """Why a run was cancelled by an override. Undo finds the runs to reinstate by this exact text, which
+    only an override writes (an admin's rejection carries the admin's own reason)."""
+    return f"decision {old_decision_id} overridden by decision {new_decision_id}"
+
+
 def action_runs_create_compensation(*, old_decision: Decision, new_decision: Decision) -> list[ActionRun]:
     """An override replaced ``old_decision`` by ``new_decision`` (call it in that transaction).
 
@@ -336,7 +342,8 @@ def action_runs_create_compensation(*, old_decision: Decision, new_decision: Dec
         for run in runs:
             if run.state in (State.PENDING, State.PENDING_APPROVAL):
                 run.state = State.REJECTED
-                run.rejection_reason = f"decision {old_decision.pk} overridden by decision {new_decision.pk}"
+                run.rejection_reason = _override_reason(old_decision_id=old_decision.pk,
+                                                        new_decision_id=new_decision.pk)
                 run.rejected_at = now
                 run.next_attempt_at = None
                 run.state_changed_at = now
@@ -367,9 +374,13 @@ class RunsWithdrawal:
     delivered: list[dict[str, Any]] = field(default_factory=list)
     # Being sent at this moment: if the receiver acts, a compensation is queued when that is recorded.
     in_flight: list[dict[str, Any]] = field(default_factory=list)
+    # Runs of the restored decision that the withdrawn override had cancelled before they acted: pending
+    # again (or waiting for approval again), as if the override had never happened.
+    reinstated: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"cancelled": self.cancelled, "delivered": self.delivered, "in_flight": self.in_flight}
+        return {"cancelled": self.cancelled, "delivered": self.delivered, "in_flight": self.in_flight,
+                "reinstated": self.reinstated}
 
     def summary(self) -> str:
         """One sentence for the person who undid the decision ("" when it had no actions)."""
@@ -385,6 +396,10 @@ class RunsWithdrawal:
         for run in self.in_flight:
             parts.append(f"{run['action']!r} is being sent right now and cannot be withdrawn (compensated if it "
                          "lands, when a compensating action is configured)")
+        if self.reinstated:
+            names = ", ".join(sorted({r["action"] for r in self.reinstated}))
+            parts.append(f"{len(self.reinstated)} action{'s' if len(self.reinstated) != 1 else ''} of the restored "
+                         f"decision queued again ({names})")
         return "; ".join(parts) + "." if parts else ""
 
 
@@ -431,14 +446,41 @@ def action_runs_withdraw(*, decision: Decision, restored: Decision | None, actor
             comp = by_run.get(entry["run"])
             if comp is not None:
                 entry["compensation"], entry["compensation_action"] = comp.pk, comp.config.name
-        if runs:
+        reinstated = _reinstate(restored=restored, withdrawn=decision, now=now) if restored is not None else []
+        out.reinstated.extend({"run": r.pk, "action": r.config.name, "kind": r.config.kind, "state": r.state}
+                              for r in reinstated)
+        if runs or reinstated:
             audit_record(
                 actor=actor, verb="action_runs.withdrawn", object_type="decision", object_id=decision.pk,
                 after={"reason": reason[:500], "restored_decision": restored.pk if restored else None,
                        **out.as_dict()},
             )
-        _enqueue_on_commit([c.pk for c in created if c.state == State.PENDING])
+        _enqueue_on_commit([r.pk for r in [*created, *reinstated] if r.state == State.PENDING])
     return out
+
+
+def _reinstate(*, restored: Decision, withdrawn: Decision, now: Any) -> list[ActionRun]:
+    """The runs of ``restored`` that the override by ``withdrawn`` cancelled before they acted, back to where
+    they were: pending, or waiting for approval when the action is high-risk and nobody had approved the run.
+    They keep their idempotency key, so a receiver that somehow saw one before still sees one request."""
+    runs = list(
+        ActionRun.objects.select_for_update(of=("self",)).select_related("config")
+        .filter(decision=restored, state=State.REJECTED, is_compensation=False, rejected_by__isnull=True,
+                rejection_reason=_override_reason(old_decision_id=restored.pk, new_decision_id=withdrawn.pk))
+        .order_by("id")
+    )
+    for run in runs:
+        gated = run.config.high_risk and run.approved_at is None
+        run.state = State.PENDING_APPROVAL if gated else State.PENDING
+        run.next_attempt_at = None if gated else now
+        run.rejection_reason = ""
+        run.rejected_at = None
+        run.state_changed_at = now
+    if runs:
+        ActionRun.objects.bulk_update(
+            runs, ["state", "rejection_reason", "rejected_at", "next_attempt_at", "state_changed_at"]
+        )
+    return runs
 
 
 # --- Approvals and replays -----------------------------------------------------------------------------

@@ -180,4 +180,43 @@ def test_undo_of_a_decision_without_actions_says_nothing_about_actions(analyst):
         "cancelled": [],
         "delivered": [],
         "in_flight": [],
+        "reinstated": [],
     }
+
+
+def test_undo_of_an_override_queues_the_restored_decisions_cancelled_runs_again(analyst, admin_user):
+    """QA override cancels the model decision's unsent runs; undoing the override puts them back as they
+    were (pending, or waiting for approval), with their keys, and they deliver once. A run an admin rejected
+    by hand stays rejected."""
+    src = make_payments_source(slug="qa-reinstate", thresholds={"legit": 0.5}, qa_sample_rate=1.0)
+    action_config_create(source=src, actor=admin_user, kind="log", name="settle", label="legit")
+    action_config_create(source=src, actor=admin_user, kind="log", name="notify", label="legit", high_risk=True)
+    action_config_create(source=src, actor=admin_user, kind="log", name="payout", label="legit", high_risk=True)
+    (item,) = make_scored_items(src, [("legit", 0.9)])
+    model_decision = Decision.objects.get(item=item, is_current=True)
+    before = {r.config.name: r for r in ActionRun.objects.filter(decision=model_decision).select_related("config")}
+    assert {n: r.state for n, r in before.items()} == {
+        "settle": "pending", "notify": "pending_approval", "payout": "pending_approval"}
+    from actions.services import action_run_reject
+
+    action_run_reject(run=before["notify"], actor=admin_user, reason="not for this merchant")
+
+    task_claim_next(user=analyst)
+    verdict_submit(user=analyst, item=Item.objects.select_related("source").get(pk=item.pk), label="fraud")
+    states = dict(ActionRun.objects.filter(decision=model_decision).values_list("config__name", "state"))
+    assert states == {"settle": "rejected", "notify": "rejected", "payout": "rejected"}
+
+    result = verdict_withdraw(user=analyst)
+
+    runs = {r.config.name: r for r in ActionRun.objects.filter(decision=model_decision).select_related("config")}
+    assert runs["settle"].state == "pending" and runs["settle"].next_attempt_at is not None
+    assert runs["settle"].idempotency_key == before["settle"].idempotency_key
+    assert runs["payout"].state == "pending_approval" and runs["payout"].rejected_at is None
+    assert runs["notify"].state == "rejected" and runs["notify"].rejection_reason == "not for this merchant"
+    assert sorted(r["action"] for r in result.actions.reinstated) == ["payout", "settle"]
+    assert "queued again" in result.actions_summary
+    assert action_run_deliver(run_id=runs["settle"].pk) == "delivered"
+    assert action_run_deliver(run_id=runs["settle"].pk) != "delivered"  # once only
+    event = AuditEvent.objects.filter(verb="action_runs.withdrawn").latest("id")
+    assert sorted(r["run"] for r in event.after["reinstated"]) == sorted([runs["settle"].pk, runs["payout"].pk])
+    assert list(audit_verify()) == []
