@@ -31,8 +31,6 @@ from reviewapp.review.models import Decision, Label
 LOCK_TIMEOUT_SECONDS = 60
 STAGE = "ingest_stage_v1"
 LANDED = "ingest_landed_v1"
-# COPY text format: backslash, tab, newline and carriage return are escaped; NULL is \N.
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def available() -> bool:
@@ -64,24 +62,35 @@ class Landed:
         return staged - self.inserted - len(self.conflicts)
 
 
+def _escaped(values: list[str]) -> list[str]:
+    """A column's values with COPY text escapes (backslash, tab, newline, carriage return; NULL is ``\\N``).
+
+    ``str.translate`` with a mapping looks up every character: ~50 ms per 20,000 payloads, about a third of
+    this process's CPU in a bulk load. Canonical JSON rarely holds a backslash and never a raw tab or newline,
+    so one scan of the joined column usually finds nothing to do; otherwise ``str.replace`` (in C) does it,
+    backslash first so that the added ones are not doubled."""
+    joined = "".join(values)
+    if "\\" not in joined and "\t" not in joined and "\n" not in joined and "\r" not in joined:
+        return values
+    return [v.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+            for v in values]
+
+
 def copy_text(checked: Checked, *, after: int = 0) -> tuple[str, int, int]:
     """The good rows of a chunk (numbered after ``after``) as COPY text, how many, and how many labeled."""
     good = checked.good
-    lines = []
-    labeled = 0
-    for number, external_id, payload, digest, label in zip(
-        good.numbers, good.external_ids, good.payloads, good.digests, good.labels, strict=True
-    ):
-        if number <= after:
-            continue
-        if label is None:
-            tag = "\\N"
-        else:
-            tag = label.translate(_COPY_ESCAPES)
-            labeled += 1
-        lines.append(f"{number}\t{external_id.translate(_COPY_ESCAPES)}\t{payload.translate(_COPY_ESCAPES)}\t"
-                     f"{digest}\t{tag}\n")
-    return "".join(lines), len(lines), labeled
+    numbers, external_ids, payloads, digests, labels = (
+        good.numbers, good.external_ids, good.payloads, good.digests, good.labels)
+    if after and numbers and min(numbers) <= after:  # a resumed chunk: drop the rows an earlier attempt committed
+        keep = [i for i, number in enumerate(numbers) if number > after]
+        numbers, external_ids, payloads, digests, labels = (
+            [column[i] for i in keep] for column in (numbers, external_ids, payloads, digests, labels))
+    present = [label for label in labels if label is not None]
+    tags = iter(_escaped(present))
+    label_text = ["\\N" if label is None else next(tags) for label in labels]
+    lines = [f"{number}\t{external_id}\t{payload}\t{digest}\t{tag}\n" for number, external_id, payload, digest, tag
+             in zip(numbers, _escaped(external_ids), _escaped(payloads), digests, label_text, strict=True)]
+    return "".join(lines), len(lines), len(present)
 
 
 def _tables(cursor: Any) -> None:
