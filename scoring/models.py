@@ -66,7 +66,9 @@ class ModelVersion(models.Model):
 
 
 class Prediction(models.Model):
-    item = models.ForeignKey("ingest.Item", on_delete=models.CASCADE, related_name="predictions")
+    # No index of its own: the unique (item, model_version) leads with it. One index less per prediction written
+    # (and per explanation written onto one): scoring writes a row per item.
+    item = models.ForeignKey("ingest.Item", on_delete=models.CASCADE, related_name="predictions", db_index=False)
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="predictions")
     probabilities = models.JSONField(help_text="label -> calibrated probability")
     top_label = models.CharField(max_length=100)

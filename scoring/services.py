@@ -21,7 +21,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from reviewapp.core.audit import AuditEntry, audit_record, audit_record_many
 from reviewapp.core.errors import Conflict, ValidationFailed
 from reviewapp.ingest.models import Item, Source
-from reviewapp.ingest.pgcopy import copy_stage, id_set
+from reviewapp.ingest.pgcopy import copy_stage, id_array, id_set
 from scoring import conf, selectors
 from scoring.artifacts import (
     ArtifactError,
@@ -773,28 +773,49 @@ def _explain_for_review(
     routing; every item with SCORING_EXPLAIN="all"), written onto their predictions in the caller's transaction.
     Explaining costs several predictions' worth of work, and most items of a healthy source are auto-decided.
     An explainer that raises leaves explanations empty (logged): it never fails scoring."""
+    wanted = _explain_wanted(ids=ids)
+    if not wanted:
+        return 0
+    explanations = _explanations_for(model_version=model_version, model=model, items=items, wanted=wanted,
+                                     predictions=predictions)
+    if not explanations:
+        return 0
+    return _explanations_write(model_version=model_version, explanations=explanations)
+
+
+def _explain_wanted(*, ids: list[int], new_tasks: set[int] | None = None) -> list[int]:
+    """The items of ``ids`` to explain, ascending: every one with SCORING_EXPLAIN="all", none with "none", else
+    those with an open task (already open, or in ``new_tasks``: routing's, not written yet)."""
     from reviewapp.review.models import ReviewTask
 
     mode = str(conf.get("SCORING_EXPLAIN"))
     if mode == "none":
-        return 0
+        return []
     if mode == "all":
-        wanted = list(ids)
-    else:
-        wanted = sorted(set(ReviewTask.objects.filter(item_id__in=id_set(ids), state=ReviewTask.State.OPEN)
-                            .values_list("item_id", flat=True)))
+        return list(ids)
+    open_now = set(ReviewTask.objects.filter(item_id__in=id_set(ids), state=ReviewTask.State.OPEN)
+                   .values_list("item_id", flat=True))
+    return sorted(open_now | (new_tasks or set()))
+
+
+def _explanations_for(
+    *, model_version: ModelVersion, model: TrainedModel, items: dict[int, ScoringItem], wanted: list[int],
+    predictions: dict[int, PredictionRow],
+) -> dict[int, Any]:
+    """Item id -> explanation towards its new prediction's top label; empty when the family cannot explain or
+    the explainer raises (logged: the predictions stand without it)."""
     if not wanted:
-        return 0
+        return {}
     try:
         frame = frame_from_payloads([items[i].payload for i in wanted], model.spec)
         with limit_threads(1):
             explanations = explain_rows(model, frame, [predictions[i].top_label for i in wanted])
     except Exception as exc:  # an explainer bug must not lose the scores: the predictions stand without it
         logger.warning("explaining %d items with model version %s failed: %s", len(wanted), model_version.pk, exc)
-        return 0
+        return {}
     if explanations is None:
-        return 0
-    return _explanations_write(model_version=model_version, explanations=dict(zip(wanted, explanations, strict=True)))
+        return {}
+    return dict(zip(wanted, explanations, strict=True))
 
 
 def _explanations_write(*, model_version: ModelVersion, explanations: dict[int, Any]) -> int:
@@ -804,10 +825,11 @@ def _explanations_write(*, model_version: ModelVersion, explanations: dict[int, 
         with connection.cursor() as cursor:
             copy_stage(cursor, table="scoring_explanation_stage", columns=[("item_id", "bigint"), ("body", "text")],
                        rows=((i, json.dumps(e)) for i, e in explanations.items()))
+            # ``= ANY``: probe the (item, model version) index for these items, not every prediction of the version.
             cursor.execute(
                 "UPDATE scoring_prediction AS p SET explanation = s.body::jsonb FROM scoring_explanation_stage AS s"
-                " WHERE p.item_id = s.item_id AND p.model_version_id = %s",
-                [model_version.pk],
+                " WHERE p.item_id = s.item_id AND p.model_version_id = %s AND p.item_id = ANY(%s::bigint[])",
+                [model_version.pk, id_array(explanations)],
             )
             return cursor.rowcount
     pks = dict(Prediction.objects.filter(item_id__in=list(explanations), model_version=model_version)
@@ -871,44 +893,99 @@ def _items_record_failure(*, errors: dict[int, str], model_version: ModelVersion
     return {"attempt_failed": len(items), "failed": failed}
 
 
+class _PredictionJson:
+    """A prediction's (probabilities, top label, confidence, alternatives, prediction set) for the staging COPY,
+    the JSON texts exactly as ``json.dumps`` writes them (same separators, same float spelling, same escapes),
+    built by joining pieces: ``json.dumps`` sets up an encoder per call, and three calls per row were the
+    largest Python cost of writing a chunk. Anything but str labels and float/int values goes to ``json.dumps``.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}  # label -> its JSON string, made once per chunk
+
+    def key(self, label: Any) -> str:
+        text = self.keys.get(label)
+        if text is None:
+            if type(label) is not str:
+                raise TypeError(label)
+            text = self.keys[label] = json.dumps(label)
+        return text
+
+    @staticmethod
+    def number(value: Any) -> str:
+        if type(value) is float:
+            text = float.__repr__(value)
+            if text[-1].isdigit():  # not nan or inf, which json spells NaN and Infinity
+                return text
+        elif type(value) is not int:
+            raise TypeError(value)
+        return json.dumps(value)
+
+    def __call__(self, row: PredictionRow) -> tuple[str, str, float, str, str]:
+        key, number = self.key, self.number
+        try:
+            probabilities = "{" + ", ".join([f"{key(k)}: {number(v)}" for k, v in row.probabilities.items()]) + "}"
+            alternatives = "[" + ", ".join([f"[{key(k)}, {number(v)}]" for k, v in row.alternatives]) + "]"
+            members = "[" + ", ".join([key(k) for k in row.prediction_set]) + "]"
+        except (TypeError, ValueError):
+            dumps = json.dumps
+            probabilities, alternatives, members = (dumps(row.probabilities), dumps(row.alternatives),
+                                                    dumps(row.prediction_set))
+        return probabilities, row.top_label, row.confidence, alternatives, members
+
+
 _PREDICTION_STAGE = [("item_id", "bigint"), ("probabilities", "text"), ("top_label", "text"), ("confidence", "float8"),
                      ("alternatives", "text"), ("prediction_set", "text"), ("explanation", "text")]
 
 
-def _predictions_insert(*, model_version: ModelVersion, ids: list[int], predictions: dict[int, PredictionRow],
-                        now: datetime) -> list[tuple[int, int, str, float]] | None:
-    """Insert the predictions of locked ``ids`` (one per item and version: an item sent back to ``received`` keeps
-    its earlier prediction by this version).
+def _predictions_insert_pg(
+    *, model_version: ModelVersion, ids: list[int], predictions: dict[int, PredictionRow],
+    explanations: dict[int, Any], now: datetime,
+) -> tuple[list[tuple[int, int, str, float]], set[int]]:
+    """PostgreSQL: insert the predictions of locked ``ids`` with their explanations (``explanations``, item id ->
+    explanation) in one COPY into a staging table and one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING
+    RETURNING``. One prediction per item and version: an item sent back to ``received`` keeps its earlier
+    prediction by this version. Returns each item's stored prediction (item id, prediction id, top label,
+    confidence; by item id) and the ids whose earlier prediction won (nothing was inserted for them)."""
+    texts = _PredictionJson()
+    dumps = json.dumps
 
-    PostgreSQL: one COPY into a staging table, one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` and one
-    ``SELECT`` of each item's prediction by this version (item id, prediction id, top label, confidence, by item
-    id), which routing then writes onto the items with their route in one UPDATE. Elsewhere the ORM's bulk path,
-    which points the items at their predictions (state ``scored``) and returns None: routing re-reads them."""
-    if connection.vendor == "postgresql":
-        dumps = json.dumps
-        rows = (
-            (pk, dumps(r.probabilities), r.top_label, r.confidence, dumps(r.alternatives), dumps(r.prediction_set),
-             None if r.explanation is None else dumps(r.explanation))
-            for pk in ids for r in (predictions[pk],)
+    def explanation(pk: int, row: PredictionRow) -> str | None:
+        body = explanations.get(pk, row.explanation)
+        return None if body is None else dumps(body)
+
+    rows = ((pk, *texts(r), explanation(pk, r)) for pk in ids for r in (predictions[pk],))
+    with connection.cursor() as cursor:
+        copy_stage(cursor, table="scoring_prediction_stage", columns=_PREDICTION_STAGE, rows=rows)
+        cursor.execute(
+            "INSERT INTO scoring_prediction (item_id, model_version_id, probabilities, top_label, confidence,"
+            " alternatives, prediction_set, explanation, created_at)"
+            " SELECT s.item_id, %s, s.probabilities::jsonb, s.top_label, s.confidence, s.alternatives::jsonb,"
+            " s.prediction_set::jsonb, s.explanation::jsonb, %s FROM scoring_prediction_stage AS s"
+            " ORDER BY s.item_id ON CONFLICT (item_id, model_version_id) DO NOTHING"
+            " RETURNING item_id, id, top_label, confidence",
+            [model_version.pk, now],
         )
-        with connection.cursor() as cursor:
-            copy_stage(cursor, table="scoring_prediction_stage", columns=_PREDICTION_STAGE, rows=rows)
-            cursor.execute(
-                "INSERT INTO scoring_prediction (item_id, model_version_id, probabilities, top_label, confidence,"
-                " alternatives, prediction_set, explanation, created_at)"
-                " SELECT s.item_id, %s, s.probabilities::jsonb, s.top_label, s.confidence, s.alternatives::jsonb,"
-                " s.prediction_set::jsonb, s.explanation::jsonb, %s FROM scoring_prediction_stage AS s"
-                " ORDER BY s.item_id ON CONFLICT (item_id, model_version_id) DO NOTHING",
-                [model_version.pk, now],
-            )
+        stored = cursor.fetchall()
+        conflicted: set[int] = set()
+        if len(stored) < len(ids):
             # The stored prediction, not the one just made: an earlier one by this version wins the conflict.
+            inserted = {row[0] for row in stored}
+            conflicted = {pk for pk in ids if pk not in inserted}
             cursor.execute(
-                "SELECT s.item_id, p.id, p.top_label, p.confidence FROM scoring_prediction_stage AS s"
-                " JOIN scoring_prediction AS p ON p.item_id = s.item_id AND p.model_version_id = %s"
-                " ORDER BY s.item_id",
-                [model_version.pk],
+                "SELECT item_id, id, top_label, confidence FROM scoring_prediction"
+                " WHERE item_id = ANY(%s::bigint[]) AND model_version_id = %s",
+                [id_array(sorted(conflicted)), model_version.pk],
             )
-            return cursor.fetchall()
+            stored += cursor.fetchall()
+    stored.sort()
+    return stored, conflicted
+
+
+def _predictions_insert_orm(*, model_version: ModelVersion, ids: list[int], predictions: dict[int, PredictionRow],
+                            now: datetime) -> None:
+    """Other databases: the ORM's bulk path; the items point at their predictions (state ``scored``) and
+    routing re-reads them."""
     Prediction.objects.bulk_create([
         Prediction(item_id=pk, model_version=model_version, probabilities=row.probabilities, top_label=row.top_label,
                    confidence=row.confidence, alternatives=row.alternatives, prediction_set=row.prediction_set,
@@ -923,49 +1000,112 @@ def _predictions_insert(*, model_version: ModelVersion, ids: list[int], predicti
         state=Item.State.SCORED,
         state_changed_at=now,
     )
-    return None
+
+
+def _write_and_route_pg(
+    *, model_version: ModelVersion, model: TrainedModel, items: dict[int, ScoringItem], ids: list[int],
+    predictions: dict[int, PredictionRow], now: datetime,
+) -> tuple[dict[str, Any], AuditEntry | None, int]:
+    """PostgreSQL: each prediction row is written once, with its explanation, and each item once, with its
+    prediction and route. Routing is planned from the new predictions first, which tells which items get an
+    open task and so need an explanation; then the predictions are inserted with those explanations, and the
+    plan is written pointing at them. (Writing explanations onto inserted rows afterwards was a second version
+    of each queued item's prediction row.) An item that already had a prediction by this version keeps it and
+    is routed by it: then the chunk is routed again from the stored predictions, as before, and those items'
+    explanations are written onto their stored rows. Returns the routing counts, its audit entry and the
+    number of items explained."""
+    from reviewapp.review.services import items_route_rows_locked, route_rows_plan, route_rows_write
+
+    mv_id = model_version.pk
+    planned = route_rows_plan(
+        rows=[(pk, items[pk].source_id, None, predictions[pk].top_label, predictions[pk].confidence, mv_id)
+              for pk in ids],
+        set_prediction=True,
+    )
+    assert planned is not None  # ids is not empty
+    explanations = _explanations_for(
+        model_version=model_version, model=model, items=items, predictions=predictions,
+        wanted=_explain_wanted(ids=ids, new_tasks=planned.open_task_items()),
+    )
+    stored, conflicted = _predictions_insert_pg(model_version=model_version, ids=ids, predictions=predictions,
+                                                explanations=explanations, now=now)
+    if not conflicted:
+        planned.with_predictions({pk: prediction_id for pk, prediction_id, _, _ in stored})
+        routed, route_entry = route_rows_write(planned)
+        return routed, route_entry, len(explanations)
+    routed, route_entry = items_route_rows_locked(
+        rows=[(pk, items[pk].source_id, prediction_id, top_label, confidence, mv_id)
+              for pk, prediction_id, top_label, confidence in stored],
+        skipped=len(ids) - len(stored), set_prediction=True,
+    )
+    explained = sum(1 for pk in explanations if pk not in conflicted)
+    explained += _explain_for_review(model_version=model_version, model=model, items=items,
+                                     ids=sorted(conflicted), predictions=predictions)
+    return routed, route_entry, explained
+
+
+def _items_lock_received(ids: list[int]) -> list[int]:
+    """Lock the items of ``ids`` still ``received`` (caller's transaction), in id order; their ids."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT id FROM ingest_item WHERE id = ANY(%s::bigint[]) AND state = %s ORDER BY id"
+                           " FOR UPDATE", [id_array(ids), Item.State.RECEIVED])
+            return [row[0] for row in cursor.fetchall()]
+    return list(Item.objects.select_for_update().filter(pk__in=id_set(ids), state=Item.State.RECEIVED)
+                .order_by("id").values_list("pk", flat=True))
 
 
 def _items_write_predictions(
     *, model_version: ModelVersion, model: TrainedModel, items: dict[int, ScoringItem],
     predictions: dict[int, PredictionRow],
 ) -> dict[str, Any]:
-    from reviewapp.review.services import _items_route_locked, items_route_rows_locked
+    from reviewapp.review.services import _items_route_locked
 
     now = timezone.now()
     with transaction.atomic():
         # Lock in id order (no deadlock with other chunks) and keep only items still waiting: idempotent.
-        ids = list(
-            Item.objects.select_for_update().filter(pk__in=id_set(predictions), state=Item.State.RECEIVED)
-            .order_by("id").values_list("pk", flat=True)
-        )
+        ids = _items_lock_received(list(predictions))
         if not ids:
             # Scored meanwhile by another worker (a late or redelivered message): nothing to do, same keys.
             return {"scored": 0, "routed": 0, "ids": [], "explained": 0}
-        stored = _predictions_insert(model_version=model_version, ids=ids, predictions=predictions, now=now)
         labels = Counter(predictions[pk].top_label for pk in ids)
         entries = [AuditEntry(
             "items.scored", "model_version", model_version.pk,
             after={"scored": len(ids), "source": model_version.source_id, "model_version": model_version.version,
                    "top_labels": dict(labels), "first_item_id": ids[0], "last_item_id": ids[-1]},
         )]
-        if stored is None:
-            routed, route_entry = _items_route_locked(item_ids=ids)
+        if connection.vendor == "postgresql":
+            routed, route_entry, explained = _write_and_route_pg(
+                model_version=model_version, model=model, items=items, ids=ids, predictions=predictions, now=now)
         else:
-            # One UPDATE per item: routing sets the prediction along with the route (the items are locked above).
-            mv_id = model_version.pk
-            routed, route_entry = items_route_rows_locked(
-                rows=[(pk, items[pk].source_id, prediction_id, top_label, confidence, mv_id)
-                      for pk, prediction_id, top_label, confidence in stored],
-                skipped=len(ids) - len(stored), set_prediction=True,
-            )
-        explained = _explain_for_review(model_version=model_version, model=model, items=items, ids=ids,
-                                        predictions=predictions)
+            _predictions_insert_orm(model_version=model_version, ids=ids, predictions=predictions, now=now)
+            routed, route_entry = _items_route_locked(item_ids=ids)
+            explained = _explain_for_review(model_version=model_version, model=model, items=items, ids=ids,
+                                            predictions=predictions)
         if route_entry is not None:
             entries.append(route_entry)
         # The audit trail serialises its writers until commit: write the events last, after the explaining.
         audit_record_many(actor=None, entries=entries)
     return {"scored": len(ids), "routed": routed, "ids": ids, "explained": explained}
+
+
+def _items_read_received(ids: list[int]) -> list[ScoringItem]:
+    """The items of ``ids`` still ``received``, by id, as plain tuples (building 2,000 Items cost ~10% of a
+    worker's time). PostgreSQL: ``id = ANY(array)`` probes the primary key (see ``pgcopy.id_array``), and the
+    payloads' JSON texts are parsed with one ``json.loads`` of their concatenation (same parser, same objects)
+    instead of one call per row through Django's converters."""
+    if connection.vendor != "postgresql":
+        return [ScoringItem(*row) for row in Item.objects.filter(pk__in=id_set(ids), state=Item.State.RECEIVED)
+                .values_list("id", "source_id", "payload")]
+    with connection.cursor() as cursor:
+        # jsonb comes back as text (Django registers a text loader; its JSONField parses it).
+        cursor.execute("SELECT id, source_id, payload FROM ingest_item WHERE id = ANY(%s::bigint[]) AND state = %s"
+                       " ORDER BY id", [id_array(ids), Item.State.RECEIVED])
+        rows = cursor.fetchall()
+    if not rows:
+        return []
+    payloads = json.loads("[" + ",".join(row[2] for row in rows) + "]")
+    return [ScoringItem(pk, source_id, payload) for (pk, source_id, _), payload in zip(rows, payloads, strict=True)]
 
 
 def items_score(*, item_ids: list[int]) -> dict[str, Any]:
@@ -978,9 +1118,7 @@ def items_score(*, item_ids: list[int]) -> dict[str, Any]:
     from reviewapp.review.services import items_route_unscored
 
     ids = sorted({int(i) for i in item_ids})
-    # Plain tuples, not model instances: building 2,000 Items cost ~10% of a worker's time (py-spy).
-    items = [ScoringItem(*row) for row in Item.objects.filter(pk__in=id_set(ids), state=Item.State.RECEIVED)
-             .values_list("id", "source_id", "payload")]
+    items = _items_read_received(ids)
     result: dict[str, Any] = {"requested": len(ids), "skipped": len(ids) - len(items), "scored": 0,
                               "unscored": 0, "attempt_failed": 0, "failed": 0, "explained": 0, "shadow_scored": 0}
     by_source: dict[int, list[Item]] = {}

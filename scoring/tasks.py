@@ -4,6 +4,7 @@ transient database errors are retried; everything else is recorded on the rows b
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -38,11 +39,22 @@ def _warm() -> None:
     started = time.monotonic()
     try:
         loaded = models_warm()
+        _gc_freeze()
         logger.info("scoring warm-up done in %.1fs: model versions %s", time.monotonic() - started, loaded)
     except Exception:  # a warm-up that fails costs latency only: the first task loads what it needs
         logger.exception("scoring warm-up failed")
     finally:
         connection.close()  # this thread's own connection
+
+
+def _gc_freeze() -> None:
+    """Move everything alive after the warm-up (Django, pandas, scikit-learn, the loaded models: millions of
+    objects) out of the cyclic collector's reach. A scoring chunk allocates tens of thousands of containers,
+    which triggers collections, and each full one walked all of those objects again: 0.8-1.0 s of the 2.5 s of
+    Python CPU per 40,000 items. Frozen objects are still freed by reference counting; only cycles among them
+    (a model evicted from the cache) are kept."""
+    gc.collect()
+    gc.freeze()
 
 
 def _backoff(retries: int) -> int:

@@ -48,3 +48,12 @@ def id_set(ids: Iterable[int]) -> Any:
     if connection.vendor != "postgresql":
         return values
     return RawSQL("SELECT unnest(%s::bigint[])", ["{" + ",".join(map(str, values)) + "}"])
+
+
+def id_array(ids: Iterable[int]) -> str:
+    """Ids as one PostgreSQL array literal, for ``WHERE id = ANY(%s::bigint[])`` in raw SQL on a hot path.
+
+    Unlike ``IN (SELECT unnest(...))`` (``id_set``), ``= ANY`` lets the planner probe the column's index for
+    exactly these ids, with a row estimate of their number. The subquery form is estimated at 200 rows and
+    joined by hash: with statistics that lag behind a bulk load it scanned every ``received`` item per chunk."""
+    return "{" + ",".join(map(str, map(int, ids))) + "}"

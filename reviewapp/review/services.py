@@ -382,11 +382,43 @@ def items_route_rows_locked(
     counts and the ``items.routed`` audit entry for the caller to write. With ``set_prediction`` the items are
     also pointed at their prediction in the same UPDATE: scoring's one write per item and chunk instead of two
     (an item's ``scored`` state was never visible outside that transaction anyway)."""
+    planned = route_rows_plan(rows=rows, skipped=skipped, set_prediction=set_prediction)
+    if planned is None:
+        return _route_counts(skipped), None
+    return route_rows_write(planned)
+
+
+def _route_counts(skipped: int) -> dict[str, Any]:
+    return {"routed": 0, "auto_decided": 0, "queued": 0, "qa_sampled": 0, "double_review": 0, "skipped": skipped}
+
+
+@dataclass
+class PlannedRoute:
+    """A routing decided but not written (``route_rows_plan``): the plan, its counts, and what the audit entry
+    names. A caller may fill in prediction ids it learns between the two steps (``with_predictions``)."""
+
+    plan: RoutePlan
+    result: dict[str, Any]
+    rows: list[RouteRow]
+    policies: dict[int, Policy]
+
+    def open_task_items(self) -> set[int]:
+        """Items that routing gives a new open task (review, double or QA)."""
+        return {t.item_id for t in self.plan.tasks}
+
+    def with_predictions(self, prediction_ids: dict[int, int]) -> None:
+        """Point the plan's items and decisions at ``prediction_ids`` (item id -> prediction id)."""
+        self.plan.predictions = {r[0]: prediction_ids[r[0]] for r in self.rows}
+        self.plan.decisions = [d._replace(prediction_id=prediction_ids[d.item_id]) for d in self.plan.decisions]
+        self.rows = [(r[0], r[1], prediction_ids[r[0]], *r[3:]) for r in self.rows]
+
+
+def route_rows_plan(*, rows: list[RouteRow], skipped: int = 0, set_prediction: bool = False) -> PlannedRoute | None:
+    """The routing of ``rows`` (see ``items_route_rows_locked``) without writing it; None for no rows."""
     now = timezone.now()
-    result: dict[str, Any] = {"routed": 0, "auto_decided": 0, "queued": 0, "qa_sampled": 0, "double_review": 0,
-                              "skipped": skipped}
+    result: dict[str, Any] = _route_counts(skipped)
     if not rows:
-        return result, None
+        return None
     policies = _current_policies({r[1] for r in rows})
     rounds = _next_rounds([r[0] for r in rows], {ReviewTask.Kind.REVIEW, ReviewTask.Kind.QA, ReviewTask.Kind.DOUBLE})
     model_versions: dict[int, ModelVersion] = {}
@@ -425,6 +457,12 @@ def items_route_rows_locked(
             plan.tasks += pair
             result["queued"] += 1
             result["double_review"] += len(pair) - 1
+    return PlannedRoute(plan=plan, result=result, rows=rows, policies=policies)
+
+
+def route_rows_write(planned: PlannedRoute) -> tuple[dict[str, Any], AuditEntry]:
+    """Write a ``route_rows_plan`` plan; the counts and the ``items.routed`` entry for the caller to write."""
+    plan, result, rows, policies = planned.plan, planned.result, planned.rows, planned.policies
     decision_ids = route_plan_write(plan)
     result["routed"] = len(rows)
     source_ids = sorted({r[1] for r in rows})

@@ -87,6 +87,31 @@ def test_routing_query_count_does_not_grow_with_items():
     assert len(large.captured_queries) == len(small.captured_queries)
 
 
+def test_a_route_planned_before_its_predictions_exist_is_written_pointing_at_them():
+    """Scoring plans the routing from its new predictions (to know which items to explain), inserts them, then
+    fills their ids into the plan and writes it: same states, decisions, tasks and event as routing them."""
+    from django.db import transaction
+
+    source = make_payments_source(thresholds={"legit": 0.9})
+    items = make_scored_items(source, [("legit", 0.95), ("legit", 0.5), ("fraud", 0.99)], route=False)
+    rows = [(i.pk, i.source_id, None, i.prediction.top_label, i.prediction.confidence,
+             i.prediction.model_version_id) for i in items]
+    with transaction.atomic():
+        planned = services.route_rows_plan(rows=rows, set_prediction=True)
+        assert planned is not None and planned.open_task_items() == {items[1].pk, items[2].pk}
+        assert not ReviewTask.objects.exists() and not Decision.objects.exists()  # nothing written yet
+        planned.with_predictions({i.pk: i.prediction_id for i in items})
+        result, entry = services.route_rows_write(planned)
+    assert result == {"routed": 3, "auto_decided": 1, "queued": 2, "qa_sampled": 0, "double_review": 0, "skipped": 0}
+    assert entry.verb == "items.routed" and entry.after["first_item_id"] == items[0].pk
+    for item in items:
+        item.refresh_from_db()
+    assert [i.state for i in items] == [Item.State.AUTO_DECIDED, Item.State.QUEUED, Item.State.QUEUED]
+    assert Decision.objects.get().prediction_id == items[0].prediction_id
+    assert sorted(ReviewTask.objects.values_list("item_id", flat=True)) == [items[1].pk, items[2].pk]
+    assert services.route_rows_plan(rows=[]) is None
+
+
 def test_oldest_priority_gives_zero_priority():
     source = make_payments_source(thresholds={"legit": 0.99})
     policy_create(source=source, actor=None, thresholds={"legit": 0.99}, priority="oldest", qa_sample_rate=0)

@@ -330,3 +330,139 @@ def test_a_network_champion_scores_explains_and_has_a_card(source, fresh: list[I
     html = client.get(f"/models/{mv.pk}/").content.decode()
     assert "Multilayer perceptron" in html and "Temperature scaling (T = " in html
     assert 'id="risk-control"' in html and "Selective risk control" in html
+
+
+@pytest.mark.parametrize("algorithm", ["logreg", "torch_mlp"])
+def test_stored_predictions_are_the_json_of_what_the_model_said(source, fresh: list[Item], algorithm: str) -> None:
+    """The staging COPY writes JSON texts built by joining pieces (``_PredictionJson``), not ``json.dumps``: for a
+    scikit-learn and a torch champion, the texts are byte for byte ``json.dumps``'s, and the stored rows hold
+    exactly the model's numbers (the same chunk predicted again in the same order)."""
+    import json
+
+    from django.db import connection
+
+    from scoring.features import frame_from_payloads
+    from scoring.inference import predict
+
+    mv = services.model_train(source=source, actor=None, algorithm=algorithm)
+    assert mv.is_champion, mv.error
+    ids = sorted(i.pk for i in fresh)
+    assert services.items_score(item_ids=ids)["scored"] == len(ids)
+    model = services._cached_model(mv)
+    payloads = dict(Item.objects.filter(pk__in=ids).values_list("pk", "payload"))
+    rows = predict(model, frame_from_payloads([payloads[pk] for pk in ids], model.spec), list(source.labels))
+    texts = services._PredictionJson()
+    expected = []
+    for row in rows:
+        staged = texts(row)
+        assert staged == (json.dumps(row.probabilities), row.top_label, row.confidence, json.dumps(row.alternatives),
+                          json.dumps(row.prediction_set))
+        expected.append(staged)
+    stored = {p.item_id: p for p in Prediction.objects.filter(item_id__in=ids, model_version=mv)}
+    for pk, row in zip(ids, rows, strict=True):
+        p = stored[pk]
+        assert (p.probabilities, p.top_label, p.confidence, p.alternatives, p.prediction_set) == (
+            row.probabilities, row.top_label, row.confidence, row.alternatives, row.prediction_set)
+    if connection.vendor != "postgresql":
+        return  # the staging texts are PostgreSQL's path; SQLite stores through the ORM
+    # And in the database: the stored jsonb is the jsonb of json.dumps's text.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM scoring_prediction AS p JOIN unnest(%s::bigint[], %s::text[], %s::text[], %s::text[])"
+            " AS e(item_id, probabilities, alternatives, members) ON e.item_id = p.item_id"
+            " WHERE p.model_version_id = %s AND p.probabilities = e.probabilities::jsonb"
+            " AND p.alternatives = e.alternatives::jsonb AND p.prediction_set = e.members::jsonb",
+            [ids, [e[0] for e in expected], [e[3] for e in expected], [e[4] for e in expected], mv.pk],
+        )
+        assert cursor.fetchone()[0] == len(ids)
+
+
+def test_prediction_json_texts_match_json_dumps_on_odd_values() -> None:
+    """Labels with quotes, backslashes, non-ASCII and line separators; floats at the edges; what json.dumps
+    spells differently from repr (NaN, Infinity) or not at all as floats (ints, bools) falls back to it."""
+    import json
+
+    from scoring.inference import PredictionRow
+
+    labels = ["legit", 'say "hi"', "back\\slash", "naïve", "\u2028sep", "%s", ""]
+    values = [0.1 + 0.2, 1e-05, 5e-324, 0.0, 1.0, 1, True, float("nan"), float("inf"), 2 / 3]
+    texts = services._PredictionJson()
+    for shift in range(len(values)):
+        vals = [values[(k + shift) % len(values)] for k in range(len(labels))]
+        for members in ([], labels[:1], labels[:3]):
+            alternatives = [[lab, v] for lab, v in zip(labels[1:], vals[1:], strict=True)]
+            row = PredictionRow(probabilities=dict(zip(labels, vals, strict=True)), top_label=labels[0],
+                                confidence=0.5, alternatives=alternatives, prediction_set=members)
+            assert texts(row) == (json.dumps(row.probabilities), row.top_label, row.confidence,
+                                  json.dumps(row.alternatives), json.dumps(row.prediction_set))
+    empty = PredictionRow(probabilities={}, top_label="", confidence=0.0, alternatives=[], prediction_set=[])
+    assert texts(empty) == ("{}", "", 0.0, "[]", "[]")
+
+
+def test_the_warm_up_freezes_what_it_loaded_out_of_the_collectors_reach() -> None:
+    import gc
+
+    from scoring import tasks
+
+    try:
+        tasks._gc_freeze()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+def test_the_received_items_are_read_and_locked_by_id_array(source, fresh: list[Item]) -> None:
+    """The raw ``id = ANY(array)`` reads: only ``received`` items of the ids, by id, payloads parsed as the ORM
+    would; an empty answer for ids that are gone or no longer waiting."""
+    from django.db import transaction
+
+    from reviewapp.ingest.pgcopy import id_array
+
+    assert id_array([3, 1, 2]) == "{3,1,2}" and id_array([]) == "{}"
+    ids = sorted(i.pk for i in fresh)
+    Item.objects.filter(pk=ids[1]).update(state=Item.State.QUEUED)
+    wanted = [ids[2], ids[0], ids[1], 987654321]
+    items = services._items_read_received(wanted)
+    assert [i.pk for i in items] == [ids[0], ids[2]]
+    orm = dict(Item.objects.filter(pk__in=[ids[0], ids[2]]).values_list("pk", "payload"))
+    assert all(i.payload == orm[i.pk] and i.source_id == source.pk for i in items)
+    with transaction.atomic():
+        assert services._items_lock_received(wanted) == [ids[0], ids[2]]
+    assert services._items_read_received([987654321]) == []
+
+
+def test_explanations_are_written_with_the_predictions_and_onto_an_earlier_one(source, fresh: list[Item]) -> None:
+    """Queued items' explanations go into the inserted prediction rows (one version per row); an item whose
+    earlier prediction by the champion wins and which is queued gets its explanation written onto that row."""
+    from reviewapp.review.models import ReviewTask
+
+    mv = services.model_train(source=source, actor=None)
+    earlier = Prediction.objects.create(
+        item=fresh[0], model_version=mv, probabilities={label: 0.5 for label in payments.LABELS},
+        top_label=payments.LABELS[-1], confidence=0.001, alternatives=[], prediction_set=[],
+        created_at=timezone.now(),
+    )
+    ids = [i.pk for i in fresh]
+    updates_before = _prediction_updates_in_transaction()
+    result = services.items_score(item_ids=ids)
+    items = list(Item.objects.filter(pk__in=ids).select_related("prediction"))
+    open_tasks = set(ReviewTask.objects.filter(item_id__in=ids, state=ReviewTask.State.OPEN)
+                     .values_list("item_id", flat=True))
+    first = next(i for i in items if i.pk == fresh[0].pk)
+    assert first.prediction_id == earlier.pk and first.state == Item.State.QUEUED and first.pk in open_tasks
+    assert first.prediction.explanation is not None and first.prediction.explanation["method"] == "linear"
+    assert all((i.prediction.explanation is not None) == (i.pk in open_tasks) for i in items)
+    assert result["explained"] == len(open_tasks) > 1
+    # Each new prediction row was written once: the only UPDATE is the explanation onto the earlier row.
+    if updates_before is not None:
+        assert _prediction_updates_in_transaction() - updates_before == 1
+
+
+def _prediction_updates_in_transaction() -> int | None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return None  # SQLite keeps the ORM path (predictions, then explanations written onto them)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT n_tup_upd FROM pg_stat_xact_user_tables WHERE relname = 'scoring_prediction'")
+        return int(cursor.fetchone()[0])
