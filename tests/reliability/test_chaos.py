@@ -22,7 +22,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from reviewapp.celery import app
 from reviewapp.demo import payments
-from reviewapp.ingest.models import IngestBatch
+from reviewapp.ingest.models import IngestBatch, Item
 from scoring import services as scoring_services
 from scoring.models import Prediction
 from tests.conftest import api_client_for, wait_for
@@ -91,10 +91,11 @@ def test_sigkill_of_a_worker_mid_scoring_loses_and_duplicates_nothing(
 
 
 def test_a_duplicate_upload_racing_itself_makes_one_batch(rel_source: Any, make_reviewers: Any,
-                                                          settings: Any, tmp_path: Path) -> None:
+                                                          celery_worker_process: Any) -> None:
     from tests.factories import UserFactory
 
-    settings.UPLOAD_ROOT = tmp_path / "uploads"
+    # The default upload root: the live worker processes the batch from there. (A per-test root would be
+    # invisible to the worker, which would fail the batch and let a late racer create a second one.)
     uploader = UserFactory(username="uploader", role="ml_engineer")
     content = payments.generate_payments(200, seed=73, start=7_000_000).to_csv(index=False).encode()
     racers = 8
@@ -110,4 +111,9 @@ def test_a_duplicate_upload_racing_itself_makes_one_batch(rel_source: Any, make_
     assert len({batch_id for _, batch_id in results}) == 1, results
     assert codes == [200] * (racers - 1) + [202], codes  # one created, the others told it exists
     assert IngestBatch.objects.filter(source=rel_source).count() == 1
+    batch = IngestBatch.objects.get(source=rel_source)
+    wait_for(lambda: IngestBatch.objects.get(pk=batch.pk).status in ("done", "failed"), timeout=120, interval=0.5,
+             what="the worker to load the batch")
+    assert IngestBatch.objects.get(pk=batch.pk).status == "done"
+    assert Item.objects.filter(source=rel_source).count() == 200
     record_figures("duplicate_upload_race", tried=racers, batches=1, lost=0, duplicated=0)
