@@ -68,8 +68,14 @@ class ModelVersion(models.Model):
 class Prediction(models.Model):
     # No index of its own: the unique (item, model_version) leads with it. One index less per prediction written
     # (and per explanation written onto one): scoring writes a row per item.
-    item = models.ForeignKey("ingest.Item", on_delete=models.CASCADE, related_name="predictions", db_index=False)
-    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="predictions")
+    # item and model_version: enforced by statement-level triggers (scoring/0004, reviewapp.core.setrefs), not
+    # row-level foreign keys, which cost a scoring chunk per row at COMMIT.
+    item = models.ForeignKey(
+        "ingest.Item", on_delete=models.CASCADE, related_name="predictions", db_index=False, db_constraint=False
+    )
+    model_version = models.ForeignKey(
+        ModelVersion, on_delete=models.PROTECT, related_name="predictions", db_constraint=False
+    )
     probabilities = models.JSONField(help_text="label -> calibrated probability")
     top_label = models.CharField(max_length=100)
     confidence = models.FloatField()

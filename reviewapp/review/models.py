@@ -178,13 +178,19 @@ class Decision(models.Model):
         REVIEWER = "reviewer"
         IMPORT = "import"
 
-    item = models.ForeignKey("ingest.Item", on_delete=models.PROTECT, related_name="decisions")
+    # item, prediction, model_version and policy: enforced by statement-level triggers (review/0003,
+    # reviewapp.core.setrefs), not row-level foreign keys, which cost a scoring chunk per row at COMMIT.
+    item = models.ForeignKey("ingest.Item", on_delete=models.PROTECT, related_name="decisions", db_constraint=False)
     label = models.CharField(max_length=100)
     origin = models.CharField(max_length=16, choices=Origin.choices)
     verdict = models.ForeignKey(Verdict, null=True, blank=True, on_delete=models.PROTECT)
-    prediction = models.ForeignKey("scoring.Prediction", null=True, blank=True, on_delete=models.PROTECT)
-    model_version = models.ForeignKey("scoring.ModelVersion", null=True, blank=True, on_delete=models.PROTECT)
-    policy = models.ForeignKey(Policy, null=True, blank=True, on_delete=models.PROTECT)
+    prediction = models.ForeignKey(
+        "scoring.Prediction", null=True, blank=True, on_delete=models.PROTECT, db_constraint=False
+    )
+    model_version = models.ForeignKey(
+        "scoring.ModelVersion", null=True, blank=True, on_delete=models.PROTECT, db_constraint=False
+    )
+    policy = models.ForeignKey(Policy, null=True, blank=True, on_delete=models.PROTECT, db_constraint=False)
     decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     supersedes = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT)
     is_current = models.BooleanField(default=True)
