@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -185,6 +186,51 @@ def _append_postgresql(rows: list[AuditEvent]) -> list[AuditEvent]:
         row._state.db = connection.alias
     connection._audit_chain = rows[0].chain  # type: ignore[attr-defined]
     return rows
+
+
+def audit_sql_params(
+    *, actor: Any | None, verb: str, object_type: str, before: Any, after: Any, slots: Iterable[str],
+    created_at: datetime,
+) -> dict[str, Any]:
+    """Parameters for appending one event from inside the caller's own SQL statement on PostgreSQL, when the
+    event's object id and some ``after`` values (``slots``) are only known to that statement (the row it
+    picks). The change and its event are then one statement: one round trip, and atomic without a
+    transaction block. The statement fills the slots (see ``review.services._CLAIM_SQL``):
+
+    - ``audit_entry``: the event as JSON (without object id, ``after`` without the slots);
+    - ``audit_body``: the canonical body the hash covers, with a marker where each value goes; the marker
+      (``audit_mark_<name>``, a quoted JSON string holding a random nonce, so no other text of the body can
+      equal it) is replaced by the value's JSON text (``to_json(value)::text``, which for ids and plain ASCII
+      words is what Python's canonical JSON writes; ``audit_verify`` re-hashes in Python and would flag any
+      difference);
+    - ``audit_ns``, ``audit_chain``, ``audit_chains``: ``core_audit_append``'s chain arguments."""
+    if not transaction.get_connection().vendor == "postgresql":
+        raise RuntimeError("audit_sql_params is for PostgreSQL statements; elsewhere use audit_record")
+    nonce = uuid.uuid4().hex
+    names = ["object_id", *slots]
+    marks = {name: f"@@{nonce}:{name}@@" for name in names}
+    before, after = _normalise(before), _normalise(after)
+    actor_id = getattr(actor, "pk", None)
+    actor_label = getattr(actor, "get_username", lambda: "")() if actor is not None else "system"
+    body = event_body(created_at=created_at, actor_id=actor_id, actor_label=actor_label, verb=verb,
+                      object_type=object_type, object_id=marks["object_id"], before=before,
+                      after={**(after or {}), **{name: marks[name] for name in slots}}, correlation_id="")
+    entry = {"created_at": created_at.isoformat(), "actor_id": actor_id, "actor_label": actor_label, "verb": verb,
+             "object_type": object_type, "before": before, "after": after, "correlation_id": ""}
+    chains = chain_count()
+    preferred = getattr(connection, "_audit_chain", None)
+    if preferred is None:
+        preferred = random.randrange(chains)
+    return {"audit_ns": _AUDIT_LOCK_NS, "audit_chain": preferred % chains, "audit_chains": chains,
+            "audit_entry": json.dumps(entry), "audit_body": body,
+            **{f"audit_mark_{name}": json.dumps(mark) for name, mark in marks.items()}}
+
+
+def audit_remember_chain(chain: int | None) -> None:
+    """After an in-statement append: this connection prefers the chain it got next time (as
+    ``_append_postgresql`` does), so one session's events mostly stay on one chain."""
+    if chain is not None:
+        connection._audit_chain = chain  # type: ignore[attr-defined]
 
 
 def audit_record(

@@ -21,7 +21,13 @@ from actions.services import (
     action_runs_create_for_decisions,
     action_runs_withdraw,
 )
-from reviewapp.core.audit import AuditEntry, audit_record, audit_record_many
+from reviewapp.core.audit import (
+    AuditEntry,
+    audit_record,
+    audit_record_many,
+    audit_remember_chain,
+    audit_sql_params,
+)
 from reviewapp.core.errors import Conflict, PermissionDeniedError, ValidationFailed
 from reviewapp.core.roles import can
 from reviewapp.ingest.models import Item, Source
@@ -581,19 +587,25 @@ def _owns_twin(task: ReviewTask, user: Any) -> bool:
             .exclude(pk=task.pk).exists())
 
 
-# Pick and claim in one statement: the row lock, the claim and the item's move to in_review in one round
-# trip. ``no_flush_wait`` lets the claim's transaction commit without waiting for its WAL flush
-# (``synchronous_commit = off`` for this transaction only; it is joined to the claimed row, so it runs
-# whenever something is claimed). A claim is a lease with no effect outside the database: if PostgreSQL
-# crashed within the WAL writer's delay (at most 3 x ``wal_writer_delay``, 600 ms by default) after a claim,
-# the claim and its audit event would be gone together and the task open again, as when a lease expires
-# (the verdict sent on it gets the usual "you no longer hold this item"). WAL is flushed in order, so any
-# later durable commit (a verdict) makes every earlier claim durable too: the audit chain never loses a
-# middle link. The flush wait was most of a claim's time under load (pgbench, 16 clients: COMMIT 6.3 ms ->
-# 1.2 ms). The table names and ORDER BY are constants of this module; every value is a parameter.
-# ``{held}`` (the first attempt) also looks for a live claim the user already holds: when there is one,
-# its lease is renewed and nothing new is picked (the NOT EXISTS is a one-time filter), so claim-next is
-# one statement either way.
+# Claim-next on PostgreSQL is one statement, run in autocommit when the caller holds no transaction: the
+# live claim the user already holds (lease renewed), or the next open task (row lock with SKIP LOCKED, the
+# claim, the item's move to in_review, and the ``task.claimed`` audit event appended by
+# ``core_audit_append``), atomic as any single statement is. No BEGIN or COMMIT round trip, no second
+# statement for the audit event: one round trip in all, which is most of a claim's time at a reviewer's
+# pace (each round trip wakes an idle backend). ``{held}`` (the live claim) is checked first: when there is
+# one, nothing new is picked (the NOT EXISTS is a one-time filter) and nothing is audited (a lease renewal
+# is not a state change). The user's own twin of a double review is passed over inside the statement (the
+# second opinion must come from someone else).
+# ``no_flush_wait`` lets the claim commit without waiting for its WAL flush (``synchronous_commit = off``
+# for this statement's own transaction only; it is joined to the claimed row, so it runs whenever something
+# is claimed; never inside a caller's transaction, whose commit may carry durable work).
+# A claim is a lease with no effect outside the database: if PostgreSQL crashed within the WAL writer's
+# delay (at most 3 x ``wal_writer_delay``, 600 ms by default) after a claim, the claim and its audit event
+# would be gone together and the task open again, as when a lease expires (the verdict sent on it gets the
+# usual "you no longer hold this item"). WAL is flushed in order, so any later durable commit (a verdict)
+# makes every earlier claim durable too: the audit chain never loses a middle link. The flush wait was
+# most of a claim's time under load (pgbench, 16 clients: COMMIT 6.3 ms -> 1.2 ms).
+# The table names and ORDER BY are constants of this module; every value is a parameter.
 _HELD_SQL = """
 held AS (
     SELECT id FROM review_reviewtask
@@ -606,10 +618,14 @@ held AS (
     RETURNING t.*
 ), """
 _CLAIM_SQL = """
-WITH no_flush_wait AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),
+WITH no_flush_wait AS MATERIALIZED (SELECT {no_flush_wait}),
 {held}picked AS (
-    SELECT id FROM review_reviewtask
+    SELECT id FROM review_reviewtask AS open_task
     WHERE {not_held}state = 'open' AND kind = ANY(%(kinds)s){source}{exclude}
+      AND NOT (paired AND EXISTS (
+          SELECT 1 FROM review_reviewtask AS twin
+          WHERE twin.item_id = open_task.item_id AND twin.round = open_task.round
+            AND twin.kind = ANY(%(pair_kinds)s) AND twin.claimed_by_id = %(user)s AND twin.id <> open_task.id))
     ORDER BY {order} LIMIT 1 FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE review_reviewtask AS t
@@ -620,32 +636,60 @@ WITH no_flush_wait AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off
     UPDATE ingest_item AS i SET state = 'in_review', state_changed_at = %(now)s
     FROM claimed WHERE i.id = claimed.item_id AND i.state = 'queued'
     RETURNING i.id
+), audited AS MATERIALIZED (
+    SELECT appended.chain_id
+    FROM claimed AS c CROSS JOIN LATERAL core_audit_append(
+        %(audit_ns)s, %(audit_chain)s, %(audit_chains)s,
+        jsonb_build_array(%(audit_entry)s::jsonb || jsonb_build_object(
+            'object_id', c.id::text,
+            'after', (%(audit_entry)s::jsonb -> 'after') || jsonb_build_object('item', c.item_id, 'kind', c.kind),
+            'body', replace(replace(replace(%(audit_body)s,
+                %(audit_mark_object_id)s, to_json(c.id::text)::text),
+                %(audit_mark_item)s, c.item_id::text),
+                %(audit_mark_kind)s, to_json(c.kind)::text)))) AS appended
 )
-SELECT claimed.*, false AS was_held FROM claimed CROSS JOIN no_flush_wait{renewed}
+SELECT claimed.*, false AS was_held, audited.chain_id AS audit_chain
+FROM claimed CROSS JOIN no_flush_wait CROSS JOIN audited{renewed}
 """
 
 
-def _pick_and_claim(*, user: Any, kinds: tuple[str, ...], source: Source | None, exclude: list[int], order: str,
-                    now: datetime, include_held: bool = False) -> ReviewTask | None:
-    """Claim the first open task in ``order`` that nobody has locked; a QA task leaves its item
-    auto_decided (the model's decision stands until overridden): only a queued item moves to in_review.
-    ``include_held`` (PostgreSQL): return the user's live claim instead, lease renewed, when they hold one
-    (the task then has ``was_held`` set)."""
+def _claim_postgresql(*, user: Any, kinds: tuple[str, ...], source: Source | None, exclude: list[int],
+                      order: str, now: datetime) -> ReviewTask | None:
+    """See ``_CLAIM_SQL``. The task comes back with ``was_held`` set when it is the live claim the user held."""
     order_by = ("priority", "created_at", "id") if order == "priority" else ("created_at", "id")
-    if connection.vendor == "postgresql":
-        source_sql = " AND source_id = %(source)s" if source is not None else ""
-        sql = _CLAIM_SQL.format(
-            held=_HELD_SQL.format(source=source_sql) if include_held else "",
-            not_held="NOT EXISTS (SELECT 1 FROM held) AND " if include_held else "",
-            renewed=" UNION ALL SELECT renewed.*, true AS was_held FROM renewed" if include_held else "",
-            source=source_sql,
-            exclude=" AND NOT (id = ANY(%(exclude)s))" if exclude else "",
-            order=", ".join(order_by),
-        )
-        params = {"kinds": list(kinds), "source": source.pk if source is not None else None, "exclude": exclude,
-                  "user": user.pk, "now": now, "lease": _lease_end(now)}
-        rows = list(ReviewTask.objects.raw(sql, params))
-        return rows[0] if rows else None
+    source_sql = " AND source_id = %(source)s" if source is not None else ""
+    sql = _CLAIM_SQL.format(
+        held=_HELD_SQL.format(source=source_sql),
+        not_held="NOT EXISTS (SELECT 1 FROM held) AND ",
+        renewed=" UNION ALL SELECT renewed.*, true AS was_held, NULL::integer AS audit_chain FROM renewed",
+        source=source_sql,
+        exclude=" AND NOT (id = ANY(%(exclude)s))" if exclude else "",
+        order=", ".join(order_by),
+        # Inside a caller's transaction the commit is the caller's, and may carry durable work: leave it be.
+        no_flush_wait="NULL" if connection.in_atomic_block else "set_config('synchronous_commit', 'off', true)",
+    )
+    lease = _lease_end(now)
+    params = {"kinds": list(kinds), "source": source.pk if source is not None else None, "exclude": exclude,
+              "user": user.pk, "now": now, "lease": lease, "pair_kinds": list(PAIR_KINDS),
+              **audit_sql_params(
+                  actor=user, verb="task.claimed", object_type="review_task", created_at=now,
+                  before={"state": ReviewTask.State.OPEN, "claimed_by": None, "lease_expires_at": None},
+                  after={"state": ReviewTask.State.CLAIMED, "claimed_by": user.pk,
+                         "lease_expires_at": lease.isoformat()},
+                  slots=("item", "kind"))}
+    rows = list(ReviewTask.objects.raw(sql, params))
+    if not rows:
+        return None
+    audit_remember_chain(rows[0].audit_chain)
+    return rows[0]
+
+
+def _pick_and_claim(*, user: Any, kinds: tuple[str, ...], source: Source | None, exclude: list[int], order: str,
+                    now: datetime) -> ReviewTask | None:
+    """The portable path (SQLite): claim the first open task in ``order`` that nobody has locked; a QA task
+    leaves its item auto_decided (the model's decision stands until overridden): only a queued item moves
+    to in_review."""
+    order_by = ("priority", "created_at", "id") if order == "priority" else ("created_at", "id")
     qs = ReviewTask.objects.filter(state=ReviewTask.State.OPEN, kind__in=kinds)
     if source is not None:
         qs = qs.filter(source=source)
@@ -674,31 +718,26 @@ def task_claim_next(
     escalations and adjudications (oldest first) to people who may adjudicate."""
     kinds = queue_kinds(user=user, queue=queue)
     now = timezone.now()
+    order = "priority" if queue == REVIEW_QUEUE else "oldest"
+    exclude = list(exclude_task_ids)
+    if connection.vendor == "postgresql":
+        return _claim_postgresql(user=user, kinds=kinds, source=source, exclude=exclude, order=order, now=now)
     with transaction.atomic():
-        # On PostgreSQL the held-claim check is part of the claim statement (one round trip).
-        include_held = connection.vendor == "postgresql"
-        if not include_held:
-            held_qs = ReviewTask.objects.filter(
-                state=ReviewTask.State.CLAIMED, claimed_by=user, lease_expires_at__gt=now, kind__in=kinds
-            )
-            if source is not None:
-                held_qs = held_qs.filter(source=source)
-            held = held_qs.select_for_update(skip_locked=True).order_by("claimed_at", "id").first()
-            if held is not None:
-                # Coming back to a held item is activity: keep its lease fresh.
-                held.lease_expires_at = _lease_end(now)
-                held.save(update_fields=["lease_expires_at"])
-                return held
-        exclude = list(exclude_task_ids)
-        order = "priority" if queue == REVIEW_QUEUE else "oldest"
+        held_qs = ReviewTask.objects.filter(
+            state=ReviewTask.State.CLAIMED, claimed_by=user, lease_expires_at__gt=now, kind__in=kinds
+        )
+        if source is not None:
+            held_qs = held_qs.filter(source=source)
+        held = held_qs.select_for_update(skip_locked=True).order_by("claimed_at", "id").first()
+        if held is not None:
+            # Coming back to a held item is activity: keep its lease fresh.
+            held.lease_expires_at = _lease_end(now)
+            held.save(update_fields=["lease_expires_at"])
+            return held
         while True:
-            task = _pick_and_claim(user=user, kinds=kinds, source=source, exclude=exclude, order=order, now=now,
-                                   include_held=include_held)
-            include_held = False
+            task = _pick_and_claim(user=user, kinds=kinds, source=source, exclude=exclude, order=order, now=now)
             if task is None:
                 return None
-            if getattr(task, "was_held", False):
-                return task  # the live claim the user already holds, its lease renewed
             if not _owns_twin(task, user):
                 break
             # The user's own twin of a double review: give it back (its row lock lasts until commit, so

@@ -23,14 +23,14 @@ def test_claim_next_is_one_statement_and_one_audit_write(django_assert_max_num_q
     source = make_payments_source(thresholds={})
     make_scored_items(source, [("legit", 0.5), ("legit", 0.6)])
     user = UserFactory(role="analyst")
-    # savepoint (the test's transaction stands in for BEGIN), the claim, the audit append, release.
-    with django_assert_max_num_queries(4):
+    # One statement: the claim, the item's move and the audit event (no savepoint, no second statement).
+    with django_assert_max_num_queries(1):
         task = task_claim_next(user=user, source=source)
     assert task.state == "claimed" and task.claimed_by_id == user.pk
-    with connection.cursor() as cursor:  # a claim is a lease: its commit does not wait for the WAL flush
+    with connection.cursor() as cursor:  # inside a caller's transaction, its commit stays durable
         cursor.execute("SHOW synchronous_commit")
-        assert cursor.fetchone()[0] == "off"
-    with django_assert_max_num_queries(3):  # the held claim: found and renewed by the same statement
+        assert cursor.fetchone()[0] == "on"
+    with django_assert_max_num_queries(1):  # the held claim: found and renewed by the same statement
         again = task_claim_next(user=user, source=source)
     assert again.pk == task.pk
     assert AuditEvent.objects.filter(verb="task.claimed").count() == 1
@@ -65,3 +65,49 @@ def test_an_expired_claim_or_one_in_another_source_is_not_the_held_one():
     ReviewTask.objects.filter(claimed_by=user).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
     fresh = task_claim_next(user=user, source=payments)
     assert fresh.pk not in (held.pk, other.pk) and fresh.source_id == payments.pk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_outside_a_transaction_commits_with_its_audit_event_in_one_statement():
+    """Autocommit (as in a request): the claim, the item's move and its audit event land together, and the
+    event's hash, computed by PostgreSQL over the body Python built, verifies."""
+    source = make_payments_source(thresholds={})
+    make_scored_items(source, [("legit", 0.5)])
+    user = UserFactory(role="analyst", username="zoë \"quoted\" <b>")
+    assert not connection.in_atomic_block
+    task = task_claim_next(user=user, source=source)
+    event = AuditEvent.objects.get(verb="task.claimed")
+    assert event.object_id == str(task.pk) and event.actor_id == user.pk
+    assert event.after == {"state": "claimed", "claimed_by": user.pk, "item": task.item_id, "kind": task.kind,
+                           "lease_expires_at": task.lease_expires_at.isoformat()}
+    assert event.before == {"state": "open", "claimed_by": None, "lease_expires_at": None}
+    assert ReviewTask.objects.get(pk=task.pk).state == "claimed"
+    assert list(audit_verify()) == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_claim_skips_the_flush_wait_only_in_its_own_transaction():
+    """Autocommit: the statement sets synchronous_commit off for itself. Inside a caller's transaction it must
+    not (that commit may carry durable work, such as a verdict)."""
+    from django.db import transaction
+
+    source = make_payments_source(thresholds={})
+    make_scored_items(source, [("legit", 0.5), ("legit", 0.6)])
+    first, second = UserFactory(role="analyst"), UserFactory(role="analyst")
+    captured: list[str] = []
+
+    def spy(execute, sql, params, many, context):
+        captured.append(sql)
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(spy):
+        assert task_claim_next(user=first, source=source) is not None
+        own = captured[-1]
+        with transaction.atomic():
+            assert task_claim_next(user=second, source=source) is not None
+            inside = captured[-1]
+            with connection.cursor() as cursor:
+                cursor.execute("SHOW synchronous_commit")
+                assert cursor.fetchone()[0] == "on"
+    assert "set_config('synchronous_commit', 'off', true)" in own
+    assert "synchronous_commit" not in inside
