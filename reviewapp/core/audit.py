@@ -94,6 +94,19 @@ def chain_count() -> int:
     return max(1, min(1000, int(getattr(settings, "AUDIT_CHAINS", DEFAULT_CHAINS))))
 
 
+def _actor_fields(actor: Any | None) -> tuple[int | None, str]:
+    """(actor_id, actor_label) as events store them; ``None`` is the system."""
+    if actor is None:
+        return None, "system"
+    return getattr(actor, "pk", None), getattr(actor, "get_username", lambda: "")()
+
+
+def _preferred_chain(chains: int) -> int:
+    """The chain this connection got last time (its events mostly stay on one chain), else a random one."""
+    preferred = getattr(connection, "_audit_chain", None)
+    return (random.randrange(chains) if preferred is None else preferred) % chains
+
+
 def _lock_chain() -> tuple[int, str]:
     """SQLite: the IMMEDIATE transaction already holds the database's single write lock; one chain."""
     last = AuditEvent.objects.filter(chain=0).order_by("-id").values_list("hash", flat=True).first()
@@ -106,8 +119,7 @@ def audit_record_many(*, actor: Any | None, entries: Iterable[AuditEntry]) -> li
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("audit events must be written inside the transaction of their change")
     # On PostgreSQL a transaction keeps one chain's lock to its commit; others take other chains meanwhile.
-    actor_id = getattr(actor, "pk", None)
-    actor_label = getattr(actor, "get_username", lambda: "")() if actor is not None else "system"
+    actor_id, actor_label = _actor_fields(actor)
     now = timezone.now()
     rows = []
     for entry in entries:
@@ -156,9 +168,7 @@ def _append_postgresql(rows: list[AuditEvent]) -> list[AuditEvent]:
     """One round trip: core_audit_append takes a free chain, reads its head, hashes each body after the
     previous hash and inserts the rows in order (ids follow chain order)."""
     chains = chain_count()
-    preferred = getattr(connection, "_audit_chain", None)
-    if preferred is None:
-        preferred = random.randrange(chains)
+    preferred = _preferred_chain(chains)
     payload = [
         {
             "created_at": row.created_at.isoformat(),
@@ -177,7 +187,7 @@ def _append_postgresql(rows: list[AuditEvent]) -> list[AuditEvent]:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT event_id, chain_id, prev, digest FROM core_audit_append(%s, %s, %s, %s::jsonb)",
-            [_AUDIT_LOCK_NS, preferred % chains, chains, json.dumps(payload, default=str)],
+            [_AUDIT_LOCK_NS, preferred, chains, json.dumps(payload, default=str)],
         )
         written = cursor.fetchall()
     for row, (pk, chain, prev, digest) in zip(rows, written, strict=True):
@@ -210,18 +220,15 @@ def audit_sql_params(
     names = ["object_id", *slots]
     marks = {name: f"@@{nonce}:{name}@@" for name in names}
     before, after = _normalise(before), _normalise(after)
-    actor_id = getattr(actor, "pk", None)
-    actor_label = getattr(actor, "get_username", lambda: "")() if actor is not None else "system"
+    actor_id, actor_label = _actor_fields(actor)
     body = event_body(created_at=created_at, actor_id=actor_id, actor_label=actor_label, verb=verb,
                       object_type=object_type, object_id=marks["object_id"], before=before,
                       after={**(after or {}), **{name: marks[name] for name in slots}}, correlation_id="")
     entry = {"created_at": created_at.isoformat(), "actor_id": actor_id, "actor_label": actor_label, "verb": verb,
              "object_type": object_type, "before": before, "after": after, "correlation_id": ""}
     chains = chain_count()
-    preferred = getattr(connection, "_audit_chain", None)
-    if preferred is None:
-        preferred = random.randrange(chains)
-    return {"audit_ns": _AUDIT_LOCK_NS, "audit_chain": preferred % chains, "audit_chains": chains,
+    preferred = _preferred_chain(chains)
+    return {"audit_ns": _AUDIT_LOCK_NS, "audit_chain": preferred, "audit_chains": chains,
             "audit_entry": json.dumps(entry), "audit_body": body,
             **{f"audit_mark_{name}": json.dumps(mark) for name, mark in marks.items()}}
 

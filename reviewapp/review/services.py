@@ -606,6 +606,9 @@ def _owns_twin(task: ReviewTask, user: Any) -> bool:
 # makes every earlier claim durable too: the audit chain never loses a middle link. The flush wait was
 # most of a claim's time under load (pgbench, 16 clients: COMMIT 6.3 ms -> 1.2 ms).
 # The table names and ORDER BY are constants of this module; every value is a parameter.
+# Claim order per queue: the review queue by the policy's priority (most uncertain first), then age; the
+# adjudication queue oldest first.
+_CLAIM_ORDER = {"priority": ("priority", "created_at", "id"), "oldest": ("created_at", "id")}
 _HELD_SQL = """
 held AS (
     SELECT id FROM review_reviewtask
@@ -656,7 +659,7 @@ FROM claimed CROSS JOIN no_flush_wait CROSS JOIN audited{renewed}
 def _claim_postgresql(*, user: Any, kinds: tuple[str, ...], source: Source | None, exclude: list[int],
                       order: str, now: datetime) -> ReviewTask | None:
     """See ``_CLAIM_SQL``. The task comes back with ``was_held`` set when it is the live claim the user held."""
-    order_by = ("priority", "created_at", "id") if order == "priority" else ("created_at", "id")
+    order_by = _CLAIM_ORDER[order]
     source_sql = " AND source_id = %(source)s" if source is not None else ""
     sql = _CLAIM_SQL.format(
         held=_HELD_SQL.format(source=source_sql),
@@ -689,7 +692,7 @@ def _pick_and_claim(*, user: Any, kinds: tuple[str, ...], source: Source | None,
     """The portable path (SQLite): claim the first open task in ``order`` that nobody has locked; a QA task
     leaves its item auto_decided (the model's decision stands until overridden): only a queued item moves
     to in_review."""
-    order_by = ("priority", "created_at", "id") if order == "priority" else ("created_at", "id")
+    order_by = _CLAIM_ORDER[order]
     qs = ReviewTask.objects.filter(state=ReviewTask.State.OPEN, kind__in=kinds)
     if source is not None:
         qs = qs.filter(source=source)
